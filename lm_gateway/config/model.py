@@ -1,0 +1,142 @@
+"""Frozen value objects describing a validated configuration.
+
+Built by :func:`lm_gateway.config.schema.build_config` from the plain data a config file holds;
+nothing here does I/O. Secrets are ``repr=False`` so a config can be printed or logged safely.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import attrs
+
+ModelListingMode = Literal["as_is", "ignore_wildcards", "expand_wildcards"]
+
+
+@attrs.frozen
+class ExtensionRef:
+    """A reference to user or built-in code: a dotted import path or a live object, plus params.
+
+    Exactly one of ``import_path`` and ``obj`` is set. ``config_path`` is where the reference was
+    written (``api_key_check``, ``connections.lb``) so a failure to resolve it can say so.
+    lm-proxy spellings (``lm_proxy.…``) are already rewritten to ours in ``import_path``.
+    """
+
+    config_path: str
+    import_path: str | None = None
+    obj: object | None = None
+    params: Mapping[str, Any] = attrs.field(factory=dict)
+    #: True for ``class = "..."`` tables: the target is called with ``params`` to make the object.
+    instantiate: bool = False
+
+
+@attrs.frozen
+class OpenAIConnection:
+    """An OpenAI-compatible HTTP upstream (OpenAI, vLLM, Ollama, llama.cpp, OpenRouter, Groq…)."""
+
+    name: str
+    api_base: str
+    api_key: str | None = attrs.field(default=None, repr=False)
+    #: Static headers sent with every upstream request (may hold secrets, hence no repr).
+    http_headers: Mapping[str, str] = attrs.field(factory=dict, repr=False)
+    #: Request fields applied when the client does not send them (lm-proxy ``default_args``).
+    default_args: Mapping[str, Any] = attrs.field(factory=dict)
+    connect_timeout_seconds: float = 10.0
+    #: Longest silence allowed between two bytes of the upstream's answer.
+    read_timeout_seconds: float = 600.0
+    write_timeout_seconds: float = 60.0
+    #: Deadline for the whole upstream exchange; None uses the gateway's request deadline.
+    request_timeout_seconds: float | None = None
+    max_connections: int = 100
+    max_keepalive_connections: int = 20
+    keepalive_expiry_seconds: float = 30.0
+    http2: bool = False
+    #: True (system trust store), False (no verification; for lab setups), or a CA bundle path.
+    verify_ssl: bool | str = True
+    #: Ask the upstream for the final usage chunk on every stream (for accounting) and strip it
+    #: from the relayed stream when the client did not ask for it. Turn off for servers that
+    #: reject ``stream_options``.
+    stream_usage: bool = True
+    api_type: str = "openai"
+
+
+@attrs.frozen
+class EchoConnection:
+    """The built-in echo model: answers with the last user message (no keys, no network)."""
+
+    name: str
+    #: Pause between streamed words; lets demos and tests watch a stream in progress.
+    chunk_delay_seconds: float = 0.0
+    api_type: str = "echo"
+
+
+@attrs.frozen
+class CustomConnection:
+    """A user's own async callable or class acting as a connection (lm-proxy's convention)."""
+
+    name: str
+    ref: ExtensionRef
+    api_type: str = "custom"
+
+
+ConnectionConfig = OpenAIConnection | EchoConnection | CustomConnection
+
+
+@attrs.frozen
+class RouteRule:
+    """``pattern = "connection.model"``: ``model`` None means pass the client's name through."""
+
+    pattern: str
+    connection: str
+    model: str | None
+    #: The rule's position in the file (0-based), used in messages.
+    index: int
+
+
+@attrs.frozen
+class Group:
+    """A set of virtual keys and what they may use."""
+
+    name: str
+    #: SHA-256 hex digests of the group's keys (plain keys are hashed at load time).
+    api_key_digests: tuple[str, ...] = attrs.field(default=(), repr=False)
+    #: None means every connection.
+    allowed_connections: frozenset[str] | None = None
+    #: Glob patterns over the model name the client asked for; None means every model.
+    allowed_models: tuple[str, ...] | None = None
+
+    def allows_connection(self, connection: str) -> bool:
+        """Whether keys of this group may use ``connection``."""
+        return self.allowed_connections is None or connection in self.allowed_connections
+
+
+@attrs.frozen
+class Config:
+    """The whole validated configuration. Build it with :func:`build_config` or
+    :func:`lm_gateway.config.load_config`, never by hand."""
+
+    connections: Mapping[str, ConnectionConfig]
+    routing: tuple[RouteRule, ...]
+    groups: Mapping[str, Group]
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_prefix: str = "/v1"
+    debug: bool = False
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    dev_autoreload: bool = False
+    #: None = the built-in in-config key check.
+    api_key_check: ExtensionRef | None = None
+    model_listing_mode: ModelListingMode = "as_is"
+    model_listing_cache_seconds: float = 300.0
+    model_info: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+    #: Secret for the keyed hash that identifies API keys in logs (lm-proxy's ``encryption_key``).
+    encryption_key: str | None = attrs.field(default=None, repr=False)
+    request_timeout_seconds: float = 600.0
+    max_request_body_bytes: int = 32 * 1024 * 1024
+    #: Where the config came from (a file path or "<embedded default>"), for messages.
+    source: str = "<dict>"
+    #: Things that are allowed but probably not what the user meant (logged at startup).
+    warnings: tuple[str, ...] = ()

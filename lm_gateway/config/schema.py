@@ -1,0 +1,591 @@
+"""Validation: plain config data (from any format) -> frozen :class:`Config`.
+
+Pure: no file or network I/O, and the environment is passed in. Every error names the dotted
+key path it is about (``connections.openai.api_bsae: unknown key (did you mean 'api_base'?)``),
+and the first error stops validation: a config is fixed one line at a time.
+
+Contract for ``env:NAME`` references: any string value that is exactly ``env:NAME`` is replaced by
+the variable's value; a missing variable is an error naming the key path. (lm-proxy substituted an
+empty string, which let requests without a key into a group whose key came from a missing
+variable.)
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any, NoReturn, TypeVar, cast
+
+from ..errors import ConfigError
+from .model import (
+    Config,
+    ConnectionConfig,
+    CustomConnection,
+    EchoConnection,
+    ExtensionRef,
+    Group,
+    ModelListingMode,
+    OpenAIConnection,
+    RouteRule,
+)
+from .names import (
+    API_TYPES_NOT_SUPPORTED_YET,
+    BUILTIN_CONFIG_KEY_CHECK,
+    OPENAI_COMPATIBLE_PLATFORMS,
+    canonical_name,
+    not_supported_reason,
+)
+
+T = TypeVar("T")
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")
+_SHA256_KEY = re.compile(r"sha256:([0-9a-fA-F]{64})\Z")
+_GLOB_CHARS = frozenset("*?[")
+
+ENV_PREFIX = "env:"
+
+
+def join_path(base: str, key: str | int) -> str:
+    """``connections`` + ``openai`` -> ``connections.openai``; odd keys are quoted, ints indexed."""
+    if isinstance(key, int):
+        return f"{base}[{key}]"
+    part = key if _IDENTIFIER.match(key) else '"' + key.replace('"', '\\"') + '"'
+    return f"{base}.{part}" if base else part
+
+
+def resolve_env_refs(value: Any, environ: Mapping[str, str], path: str = "") -> Any:
+    """Return a copy of ``value`` with every ``"env:NAME"`` string replaced by ``environ[NAME]``.
+
+    Raises:
+        ConfigError: a referenced variable is not set (naming the key path and the variable).
+    """
+    if isinstance(value, str):
+        if value.startswith(ENV_PREFIX):
+            name = value[len(ENV_PREFIX) :].strip()
+            if not name:
+                raise ConfigError("'env:' reference without a variable name", path)
+            if name not in environ:
+                raise ConfigError(
+                    f"environment variable {name!r} is not set (referenced as {value!r})", path
+                )
+            return environ[name]
+        return value
+    if isinstance(value, Mapping):
+        return {k: resolve_env_refs(v, environ, join_path(path, str(k))) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [resolve_env_refs(v, environ, join_path(path, i)) for i, v in enumerate(value)]
+    return value
+
+
+def _type_name(value: Any) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        type(None): "null",
+    }.get(type(value), "a list" if isinstance(value, list) else "a table" if isinstance(
+        value, Mapping
+    ) else type(value).__name__)
+
+
+class _Table:
+    """Reads keys from one config table, checking types, and reports unknown keys at the end."""
+
+    def __init__(self, data: Any, path: str) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"expected a table, got {_type_name(data)}", path or None)
+        self.data: Mapping[str, Any] = data
+        self.path = path
+        self.seen: set[str] = set()
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def raw(self, key: str) -> Any:
+        self.seen.add(key)
+        return self.data.get(key)
+
+    def fail(self, key: str, message: str) -> NoReturn:
+        raise ConfigError(message, join_path(self.path, key))
+
+    def str(self, key: str, default: T) -> str | T:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            self.fail(key, f"expected a string, got {_type_name(value)}")
+        return value
+
+    def bool(self, key: str, default: bool) -> bool:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+            # Strings come from env: references, which can only produce strings.
+            return _BOOL_WORDS[value.strip().lower()]
+        if not isinstance(value, bool):
+            self.fail(key, f"expected true or false, got {_type_name(value)}")
+        return value
+
+    def int(self, key: str, default: int, *, minimum: int = 0) -> int:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(key, f"expected an integer, got {_type_name(value)}")
+        if value < minimum:
+            self.fail(key, f"must be at least {minimum}, got {value}")
+        return value
+
+    def seconds(self, key: str, default: T, *, positive: bool = True) -> float | T:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                self.fail(key, f"expected a number of seconds, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.fail(key, f"expected a number of seconds, got {_type_name(value)}")
+        if value < 0 or (positive and value == 0):
+            self.fail(key, f"must be {'positive' if positive else 'zero or more'}, got {value}")
+        return float(value)
+
+    def table(self, key: str) -> Mapping[str, Any]:
+        value = self.raw(key)
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            self.fail(key, f"expected a table, got {_type_name(value)}")
+        return value
+
+    def str_map(self, key: str) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for k, v in self.table(key).items():
+            if not isinstance(v, str | int | float) or isinstance(v, bool):
+                raise ConfigError(
+                    f"expected a string, got {_type_name(v)}", join_path(join_path(self.path, key), k)
+                )
+            out[str(k)] = str(v)
+        return out
+
+    def finish(self, *, extra_known: Iterable[str] = ()) -> None:
+        """Fail on the first key that was never read."""
+        known = self.seen | set(extra_known)
+        for key in self.data:
+            if key not in known:
+                hint = difflib.get_close_matches(str(key), sorted(known), n=1)
+                suffix = f" (did you mean {hint[0]!r}?)" if hint else ""
+                raise ConfigError(f"unknown key{suffix}", join_path(self.path, str(key)))
+
+
+_BOOL_WORDS = {
+    "1": True, "true": True, "yes": True, "on": True, "y": True, "enabled": True, "+": True,
+    "0": False, "false": False, "no": False, "off": False, "n": False, "disabled": False, "-": False,
+}  # fmt: skip
+
+
+def parse_bool_word(value: str) -> bool | None:
+    """``"yes"`` -> True, ``"off"`` -> False, anything else -> None (lm-proxy's truthy words)."""
+    return _BOOL_WORDS.get(value.strip().lower())
+
+
+def _extension(value: Any, path: str, *, what: str) -> ExtensionRef:
+    """A dotted path string, a ``{class = ..., **params}`` table, or a live callable/object."""
+    if isinstance(value, str):
+        name = value.strip()
+        if not name:
+            raise ConfigError(f"empty {what} reference", path)
+        _reject_not_supported(name, path)
+        return ExtensionRef(config_path=path, import_path=canonical_name(name))
+    if isinstance(value, Mapping):
+        if "class" not in value:
+            raise ConfigError(f"a {what} table needs a 'class' key", path)
+        target = value["class"]
+        params = {str(k): v for k, v in value.items() if k != "class"}
+        if isinstance(target, str):
+            _reject_not_supported(target.strip(), join_path(path, "class"))
+            return ExtensionRef(
+                config_path=path,
+                import_path=canonical_name(target.strip()),
+                params=params,
+                instantiate=True,
+            )
+        if callable(target):
+            return ExtensionRef(config_path=path, obj=target, params=params, instantiate=True)
+        raise ConfigError(f"expected a dotted path or a class, got {_type_name(target)}", path)
+    if callable(value):
+        return ExtensionRef(config_path=path, obj=value)
+    raise ConfigError(
+        f"expected a dotted path, a table with 'class', or a callable; got {_type_name(value)}",
+        path,
+    )
+
+
+def _reject_not_supported(name: str, path: str) -> None:
+    reason = not_supported_reason(name)
+    if reason:
+        raise ConfigError(f"{reason} ({name!r})", path)
+
+
+def _fail_later_feature(table: _Table, key: str, reason: str) -> None:
+    """Parse a key owned by later work: absent or empty is fine, anything else is an error."""
+    value = table.raw(key)
+    if value in (None, [], {}, False):
+        return
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            # A built-in name gets its specific message; anything else the generic one.
+            if isinstance(item, str | Mapping):
+                _extension(item, join_path(join_path(table.path, key), i), what=key)
+    table.fail(key, f"{reason} (remove it, or leave it empty)")
+
+
+def _connection(name: str, value: Any, path: str, warnings: list[str]) -> ConnectionConfig:
+    if not name or "." in name:
+        raise ConfigError(
+            "connection names must be non-empty and contain no '.' (routing targets are "
+            "'connection.model')",
+            path,
+        )
+    if not isinstance(value, Mapping) or "class" in value:
+        ref = _extension(value, path, what="connection")
+        return CustomConnection(name=name, ref=ref)
+
+    t = _Table(value, path)
+    api_type_value = t.str("api_type", "")
+    api_type = api_type_value.strip().lower()
+    if not api_type:
+        api_type = "openai"
+    if api_type in API_TYPES_NOT_SUPPORTED_YET:
+        t.fail("api_type", f"{API_TYPES_NOT_SUPPORTED_YET[api_type]} ({api_type_value!r})")
+    if api_type == "echo":
+        conn = EchoConnection(
+            name=name, chunk_delay_seconds=t.seconds("chunk_delay_seconds", 0.0, positive=False)
+        )
+        if t.has("model"):
+            t.raw("model")
+            warnings.append(f"{join_path(path, 'model')}: ignored (routing rules pick the model)")
+        t.finish()
+        return conn
+    if api_type not in OPENAI_COMPATIBLE_PLATFORMS:
+        supported = sorted({*OPENAI_COMPATIBLE_PLATFORMS, "echo"})
+        t.fail("api_type", f"unknown api_type {api_type_value!r}; supported: {', '.join(supported)}")
+
+    api_base = t.str("api_base", None) or t.str("openai_api_base", None)
+    api_key = t.str("api_key", None) or t.str("openai_api_key", None)
+    headers = t.str_map("http_headers")
+    request_timeout = t.seconds("request_timeout_seconds", None)
+    # lm-proxy passed init_params to the SDK client; the meaningful ones map onto our keys.
+    init = _Table(t.table("init_params"), join_path(path, "init_params"))
+    if init.has("timeout"):
+        request_timeout = init.seconds("timeout", None)
+    retries = init.int("max_retries", 0)
+    if retries:
+        init.fail("max_retries", "upstream retries are not supported yet (set 0 or remove it)")
+    headers.update(init.str_map("default_headers"))
+    api_base = init.str("base_url", None) or api_base
+    api_key = init.str("api_key", None) or api_key
+    init.finish()
+
+    if api_base is None:
+        api_base = OPENAI_COMPATIBLE_PLATFORMS[api_type]
+    api_base = api_base.strip().rstrip("/")
+    if not api_base.startswith(("http://", "https://")):
+        t.fail("api_base", f"must be an http:// or https:// URL, got {api_base!r}")
+    if api_key is not None and not api_key.strip():
+        t.fail("api_key", "is empty (an env: variable set to an empty string?)")
+
+    default_args = dict(t.table("default_args"))
+    for forbidden in ("model", "messages", "stream"):
+        if forbidden in default_args:
+            raise ConfigError(
+                "cannot set a default for this field", join_path(join_path(path, "default_args"),
+                                                                 forbidden)
+            )
+    if t.has("model"):
+        t.raw("model")
+        warnings.append(f"{join_path(path, 'model')}: ignored (routing rules pick the model)")
+
+    verify_raw = t.raw("verify_ssl")
+    verify: bool | str = True
+    if isinstance(verify_raw, bool):
+        verify = verify_raw
+    elif isinstance(verify_raw, str):
+        word = parse_bool_word(verify_raw)
+        verify = word if word is not None else verify_raw
+    elif verify_raw is not None:
+        t.fail("verify_ssl", f"expected true, false or a CA bundle path; got {_type_name(verify_raw)}")
+
+    conn = OpenAIConnection(
+        name=name,
+        api_type=api_type,
+        api_base=api_base,
+        api_key=api_key.strip() if api_key else None,
+        http_headers=headers,
+        default_args=default_args,
+        connect_timeout_seconds=t.seconds("connect_timeout_seconds", 10.0),
+        read_timeout_seconds=t.seconds("read_timeout_seconds", 600.0),
+        write_timeout_seconds=t.seconds("write_timeout_seconds", 60.0),
+        request_timeout_seconds=request_timeout,
+        max_connections=t.int("max_connections", 100, minimum=1),
+        max_keepalive_connections=t.int("max_keepalive_connections", 20, minimum=0),
+        keepalive_expiry_seconds=t.seconds("keepalive_expiry_seconds", 30.0, positive=False),
+        http2=t.bool("http2", False),
+        verify_ssl=verify,
+        stream_usage=t.bool("stream_usage", True),
+    )
+    t.finish()
+    return conn
+
+
+def _routing(value: Any, connections: Mapping[str, ConnectionConfig]) -> tuple[RouteRule, ...]:
+    table = _Table(value if value is not None else {}, "routing")
+    rules: list[RouteRule] = []
+    for index, (pattern, target) in enumerate(table.data.items()):
+        path = join_path("routing", str(pattern))
+        table.seen.add(pattern)
+        if not isinstance(pattern, str) or not pattern:
+            raise ConfigError("a routing pattern must be a non-empty string", path)
+        if not isinstance(target, str):
+            raise ConfigError(f"expected 'connection.model', got {_type_name(target)}", path)
+        conn_name, dot, model = target.strip().partition(".")
+        if not dot or not conn_name or not model:
+            raise ConfigError(
+                f"target {target!r} must have the form 'connection.model' or 'connection.*'", path
+            )
+        if conn_name not in connections:
+            known = ", ".join(sorted(connections)) or "none"
+            raise ConfigError(
+                f"target {target!r} names undefined connection {conn_name!r} (defined: {known})",
+                path,
+            )
+        if model != "*" and _GLOB_CHARS & set(model):
+            raise ConfigError(
+                f"target model {model!r} must be a model name or '*' (pass the name through)", path
+            )
+        rules.append(
+            RouteRule(
+                pattern=pattern,
+                connection=conn_name,
+                model=None if model == "*" else model,
+                index=index,
+            )
+        )
+    return tuple(rules)
+
+
+def _key_digest(key: Any, path: str) -> str:
+    if not isinstance(key, str):
+        raise ConfigError(f"expected a string key, got {_type_name(key)}", path)
+    if not key.strip():
+        raise ConfigError(
+            "empty API key (an env: variable set to an empty string?) would let requests "
+            "without a key in",
+            path,
+        )
+    match = _SHA256_KEY.match(key.strip())
+    if match:
+        return match.group(1).lower()
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _name_list(value: Any, path: str) -> list[str] | None:
+    """``"*"`` -> None (everything); ``"a, b"`` or ``["a", "b"]`` -> the names."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.strip() == "*":
+            return None
+        items: list[Any] = value.split(",")
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise ConfigError(f"expected '*', a comma-separated string or a list, got {_type_name(value)}",
+                          path)
+    names: list[str] = []
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise ConfigError(f"expected a string, got {_type_name(item)}", join_path(path, i))
+        if item.strip() == "*":
+            return None
+        if item.strip():
+            names.append(item.strip())
+    return names
+
+
+def _groups(
+    value: Any, connections: Mapping[str, ConnectionConfig], *, keys_required: bool
+) -> dict[str, Group]:
+    if value is None:
+        # lm-proxy's default: one group named "default" that may use every connection.
+        value = {"default": {}}
+    table = _Table(value, "groups")
+    groups: dict[str, Group] = {}
+    owner_of: dict[str, str] = {}
+    for name, raw in table.data.items():
+        table.seen.add(name)
+        path = join_path("groups", str(name))
+        t = _Table(raw, path)
+        keys_raw = t.raw("api_keys")
+        if keys_raw is None:
+            keys_raw = []
+        if isinstance(keys_raw, str):
+            keys_raw = [keys_raw]
+        if not isinstance(keys_raw, list):
+            t.fail("api_keys", f"expected a list of keys, got {_type_name(keys_raw)}")
+        digests: list[str] = []
+        for i, key in enumerate(keys_raw):
+            key_path = join_path(join_path(path, "api_keys"), i)
+            digest = _key_digest(key, key_path)
+            if digest in owner_of:
+                raise ConfigError(
+                    f"this key is already listed in group {owner_of[digest]!r}; a key belongs to "
+                    "one group",
+                    key_path,
+                )
+            owner_of[digest] = str(name)
+            digests.append(digest)
+        allowed = _name_list(t.raw("allowed_connections"), join_path(path, "allowed_connections"))
+        if allowed is not None:
+            for conn in allowed:
+                if conn not in connections:
+                    known = ", ".join(sorted(connections)) or "none"
+                    t.fail(
+                        "allowed_connections",
+                        f"unknown connection {conn!r} (defined: {known})",
+                    )
+        models = _name_list(t.raw("allowed_models"), join_path(path, "allowed_models"))
+        # lm-proxy silently ignored a misspelt `connections = ...`; we name it.
+        t.finish()
+        groups[str(name)] = Group(
+            name=str(name),
+            api_key_digests=tuple(digests),
+            allowed_connections=frozenset(allowed) if allowed is not None else None,
+            allowed_models=tuple(models) if models is not None else None,
+        )
+    if keys_required and not owner_of:
+        raise ConfigError(
+            "no API keys are configured, so no client could use the gateway: add keys to "
+            "groups.<name>.api_keys, or set api_key_check (e.g. 'AllowAll' on a trusted network)",
+            "groups",
+        )
+    return groups
+
+
+def _model_info(value: Any) -> dict[str, dict[str, Any]]:
+    table = _Table(value if value is not None else {}, "model_info")
+    out: dict[str, dict[str, Any]] = {}
+    for model, info in table.data.items():
+        table.seen.add(model)
+        if not isinstance(info, Mapping):
+            raise ConfigError(
+                f"expected a table of fields, got {_type_name(info)}",
+                join_path("model_info", str(model)),
+            )
+        out[str(model)] = dict(info)
+    return out
+
+
+def build_config(
+    data: Mapping[str, Any],
+    *,
+    environ: Mapping[str, str],
+    source: str = "<dict>",
+) -> Config:
+    """Validate plain config data and build a :class:`Config`.
+
+    Args:
+        data: the parsed file (TOML/YAML/JSON tables, or a Python config's ``config`` dict).
+        environ: where ``env:NAME`` references are looked up (normally ``os.environ``).
+        source: where the data came from, kept for messages.
+
+    Raises:
+        ConfigError: the first problem found, with its dotted key path.
+    """
+    data = resolve_env_refs(data, environ)
+    t = _Table(data, "")
+    warnings: list[str] = []
+
+    conn_table = _Table(t.raw("connections"), "connections")
+    if not conn_table.data:
+        raise ConfigError("at least one connection is required", "connections")
+    connections: dict[str, ConnectionConfig] = {}
+    for name, value in conn_table.data.items():
+        conn_table.seen.add(name)
+        connections[str(name)] = _connection(
+            str(name), value, join_path("connections", str(name)), warnings
+        )
+
+    routing = _routing(t.raw("routing"), connections)
+    if not routing:
+        warnings.append("routing: no rules, so every model name gets 404 model_not_found")
+
+    key_check_raw = t.raw("api_key_check")
+    key_check: ExtensionRef | None = None
+    if key_check_raw is not None:
+        key_check = _extension(key_check_raw, "api_key_check", what="api_key_check")
+        if key_check.import_path == BUILTIN_CONFIG_KEY_CHECK and not key_check.params:
+            key_check = None
+    groups = _groups(t.raw("groups"), connections, keys_required=key_check is None)
+
+    mode = t.str("model_listing_mode", "as_is")
+    if mode not in ("as_is", "ignore_wildcards", "expand_wildcards"):
+        t.fail("model_listing_mode", f"expected as_is, ignore_wildcards or expand_wildcards, got {mode!r}")
+
+    prefix = t.str("api_prefix", "/v1").strip()
+    if prefix and not prefix.startswith("/"):
+        t.fail("api_prefix", f"must start with '/' (or be empty), got {prefix!r}")
+    prefix = prefix.rstrip("/")
+
+    host = t.str("host", "127.0.0.1").strip()
+    if not host:
+        t.fail("host", "must not be empty")
+    port = t.int("port", 8000)
+    if port > 65535:
+        t.fail("port", f"must be at most 65535, got {port}")
+    certfile = t.str("ssl_certfile", None)
+    keyfile = t.str("ssl_keyfile", None)
+    if (certfile is None) != (keyfile is None):
+        t.fail("ssl_keyfile" if keyfile is None else "ssl_certfile",
+               "ssl_certfile and ssl_keyfile must be set together")
+
+    _fail_later_feature(t, "before", "request handlers ('before') are not supported yet")
+    _fail_later_feature(t, "loggers", "usage loggers are not supported yet")
+    _fail_later_feature(t, "components", "components are not supported yet")
+    if t.bool("print_stream", False):
+        t.fail("print_stream", "is not supported (use --debug for request logging)")
+
+    config = Config(
+        connections=connections,
+        routing=routing,
+        groups=groups,
+        enabled=t.bool("enabled", True),
+        host=host,
+        port=port,
+        api_prefix=prefix,
+        debug=t.bool("debug", False),
+        ssl_certfile=certfile,
+        ssl_keyfile=keyfile,
+        dev_autoreload=t.bool("dev_autoreload", False),
+        api_key_check=key_check,
+        model_listing_mode=cast(ModelListingMode, mode),
+        model_listing_cache_seconds=t.seconds(
+            "model_listing_cache_seconds", 300.0, positive=False
+        ),
+        model_info=_model_info(t.raw("model_info")),
+        encryption_key=t.str("encryption_key", None),
+        request_timeout_seconds=t.seconds("request_timeout_seconds", 600.0),
+        max_request_body_bytes=t.int("max_request_body_bytes", 32 * 1024 * 1024, minimum=1024),
+        source=source,
+        warnings=tuple(warnings),
+    )
+    t.finish()
+    return config
+

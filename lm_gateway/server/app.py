@@ -1,0 +1,276 @@
+"""The HTTP edge: a Quart blueprint serving the gateway, and the QuartTrio app around it.
+
+Routes adapt Quart requests to :class:`~lm_gateway.service.IncomingRequest` and the service's
+replies to Quart responses; all decisions live in :mod:`lm_gateway.service`.
+
+Request ownership: :class:`RequestScopeMixin` wraps Quart-Trio's per-request ASGI handler in
+:func:`~lm_gateway.service.open_request_scope`, so everything a request opens (an upstream
+stream, a task feeding it) is closed when the request ends, even in the gap between the route
+returning a streaming response and Quart starting to send it, where a client disconnect would
+otherwise skip the response body's cleanup. :func:`create_app` uses it; :func:`blueprint`
+installs it into the host app when registered.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any, cast
+
+import attrs
+import orjson
+from quart import Blueprint, Quart, Response, current_app, request
+from quart_trio import QuartTrio
+from quart_trio.asgi import TrioASGIHTTPConnection
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from ..config import Config, build_config, load_config
+from ..errors import GatewayError, InternalError, NotFound, RequestTooLarge
+from ..service import Gateway, IncomingRequest, Reply, RequestScope, StreamReply, open_request_scope
+
+log = logging.getLogger("lm_gateway")
+
+#: Where the request scope travels in the ASGI scope dict.
+SCOPE_KEY = "lm_gateway.request_scope"
+
+
+class RequestScopeMixin:
+    """Mixin for Quart-Trio's ASGI HTTP connection class; see the module docstring."""
+
+    scope: dict[str, Any]
+
+    async def __call__(self, receive: Any, send: Any) -> None:
+        async with open_request_scope() as request_scope:
+            self.scope[SCOPE_KEY] = request_scope
+            await super().__call__(receive, send)  # type: ignore[misc]
+
+
+class GatewayHTTPConnection(RequestScopeMixin, TrioASGIHTTPConnection):
+    """Quart-Trio's HTTP connection handler with a per-request scope."""
+
+
+def install_request_scope(app: Quart) -> None:
+    """Make ``app`` open a request scope around each HTTP request (idempotent).
+
+    Raises:
+        TypeError: ``app`` is not a QuartTrio app (the gateway needs trio).
+    """
+    if not isinstance(app, QuartTrio):
+        raise TypeError(
+            f"lm-gateway needs a QuartTrio app (trio), not {type(app).__name__}; "
+            "create the app with quart_trio.QuartTrio"
+        )
+    current = app.asgi_http_class
+    if isinstance(current, type) and issubclass(current, RequestScopeMixin):
+        return
+    app.asgi_http_class = type(  # type: ignore[assignment]
+        "GatewayHTTPConnection", (RequestScopeMixin, current), {}
+    )
+
+
+def _error_response(error: GatewayError, debug: bool) -> Response:
+    return Response(
+        orjson.dumps(error.to_body(debug=debug)),
+        status=error.http_status,
+        headers=error.headers,
+        content_type="application/json",
+    )
+
+
+def _to_response(reply: Reply | StreamReply) -> Response:
+    if isinstance(reply, StreamReply):
+        response = Response(reply.body, status=reply.status, headers=reply.headers)
+        # Quart cuts responses after RESPONSE_TIMEOUT (60 s by default); streams have their own
+        # deadline (request_timeout_seconds) enforced by the service.
+        response.timeout = None
+        return response
+    response = Response(
+        reply.body, status=reply.status, headers=reply.headers, content_type=reply.content_type
+    )
+    response.timeout = None
+    return response
+
+
+def blueprint(
+    config: ConfigSource = None, *, name: str = "lm_gateway", debug: bool | None = None
+) -> Blueprint:
+    """A Quart blueprint serving the gateway, to mount in a QuartTrio app.
+
+    Routes (relative to the blueprint's ``url_prefix``): ``POST {api_prefix}/chat/completions``,
+    ``GET {api_prefix}/models``, ``GET {api_prefix}/models/<id>``, ``GET /health``.
+
+    The gateway's connection pools are opened with the app and closed when it stops serving
+    (``before_app_serving``/``after_app_serving``). Registering the blueprint makes the app open
+    a request scope per HTTP request (see :func:`install_request_scope`).
+
+    Args:
+        config: anything :func:`create_app` accepts.
+        name: the blueprint name (give two gateways in one app different names).
+        debug: override the config's ``debug``.
+
+    Raises:
+        ConfigError: the config is invalid or references an extension that cannot be loaded.
+    """
+    gateway = as_gateway(config, debug=debug)
+    bp = Blueprint(name, __name__)
+    prefix = gateway.config.api_prefix
+    debug = gateway.debug
+    max_body = gateway.config.max_request_body_bytes
+
+    bp.record_once(lambda state: install_request_scope(state.app))
+
+    @bp.before_app_serving
+    async def _start() -> None:
+        for warning in gateway.warnings():
+            log.warning("config: %s", warning)
+        app = cast(QuartTrio, current_app)
+        await app.nursery.start(gateway.serve_background)
+
+    @bp.after_app_serving
+    async def _stop() -> None:
+        await gateway.aclose()
+
+    async def incoming() -> IncomingRequest:
+        scope = request.scope
+        client = scope.get("client")
+        if request.content_length is not None and request.content_length > max_body:
+            raise RequestTooLarge(
+                f"The request body is larger than the limit of {max_body} bytes."
+            )
+        try:
+            body = await request.get_data(cache=False)
+        except RequestEntityTooLarge as exc:
+            raise RequestTooLarge(
+                f"The request body is larger than the limit of {max_body} bytes."
+            ) from exc
+        return IncomingRequest(
+            method=scope["method"],
+            path=scope["path"],
+            headers={k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]},
+            body=body if isinstance(body, bytes) else body.encode(),
+            client_addr=client[0] if client else None,
+        )
+
+    def request_scope() -> RequestScope:
+        scope = request.scope.get(SCOPE_KEY)
+        if not isinstance(scope, RequestScope):
+            raise InternalError(
+                "The gateway blueprint is mounted in an app without a request scope.",
+                detail="register the blueprint with app.register_blueprint() on a QuartTrio app",
+            )
+        return scope
+
+    @bp.post(f"{prefix}/chat/completions")
+    async def chat_completions() -> Response:
+        try:
+            req = await incoming()
+            reply = await gateway.chat_completions(req, request_scope())
+        except GatewayError as error:
+            return _error_response(error, debug)
+        return _to_response(reply)
+
+    @bp.get(f"{prefix}/models")
+    async def list_models() -> Response:
+        try:
+            reply = await gateway.list_models(await incoming())
+        except GatewayError as error:
+            return _error_response(error, debug)
+        return _to_response(reply)
+
+    @bp.get(f"{prefix}/models/<path:model_id>")
+    async def retrieve_model(model_id: str) -> Response:
+        try:
+            reply = await gateway.retrieve_model(await incoming(), model_id)
+        except GatewayError as error:
+            return _error_response(error, debug)
+        return _to_response(reply)
+
+    @bp.get("/health")
+    async def health() -> Response:
+        return _to_response(await gateway.health(await incoming()))
+
+    bp.gateway = gateway  # type: ignore[attr-defined]
+    return bp
+
+
+class GatewayApp(QuartTrio):
+    """The QuartTrio app :func:`create_app` returns; ``app.gateway`` is its :class:`Gateway`."""
+
+    asgi_http_class = GatewayHTTPConnection  # type: ignore[assignment]
+    gateway: Gateway
+
+
+ConfigSource = Config | Gateway | str | os.PathLike[str] | Mapping[str, Any] | None
+
+
+def as_gateway(config: ConfigSource, *, debug: bool | None = None) -> Gateway:
+    """A Gateway from a Config, a config file path, plain config data, or None (the embedded
+    default). ``debug`` overrides the config's setting.
+
+    Raises:
+        ConfigError: the config is invalid or references an extension that cannot be loaded.
+    """
+    if isinstance(config, Gateway):
+        if debug is not None:
+            config.debug = debug
+        return config
+    if isinstance(config, Mapping):
+        config = build_config(config, environ=os.environ)
+    elif not isinstance(config, Config):
+        config = load_config(config)
+    if debug is not None:
+        config = attrs.evolve(config, debug=debug)
+    return Gateway(config)
+
+
+def create_app(config: ConfigSource = None, *, debug: bool | None = None) -> GatewayApp:
+    """A QuartTrio app serving one gateway at the root (``/v1/...``, ``/health``).
+
+    Args:
+        config: a Config, a path to a config file, plain config data (a dict in lm-proxy's
+            format), a ready Gateway, or None for the embedded default (echo model).
+        debug: override the config's ``debug``.
+
+    Errors the framework itself produces (unknown path, wrong method, a crash outside the
+    service) are answered in the OpenAI error shape too.
+
+    Raises:
+        ConfigError: the config is invalid or references an extension that cannot be loaded.
+    """
+    gateway = as_gateway(config, debug=debug)
+    app = GatewayApp("lm_gateway", static_folder=None)
+    app.gateway = gateway
+    app.config["MAX_CONTENT_LENGTH"] = gateway.config.max_request_body_bytes
+    # Our replies set their own timeouts; the service enforces request_timeout_seconds.
+    app.config["RESPONSE_TIMEOUT"] = None
+    app.register_blueprint(blueprint(gateway))
+    debug = gateway.debug
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        if status == 404:
+            gw_error: GatewayError = NotFound(f"Unknown request URL: {request.method} "
+                                              f"{request.path}.", code="unknown_url")
+        elif status == 405:
+            gw_error = NotFound(f"The method {request.method} is not allowed for {request.path}.",
+                                code="method_not_allowed")
+        elif status == 413:
+            gw_error = RequestTooLarge("The request body is too large.")
+        else:
+            gw_error = InternalError(error.description or "HTTP error")
+        response = _error_response(gw_error, debug)
+        response.status_code = status
+        return response
+
+    @app.errorhandler(Exception)
+    async def _crash(error: Exception) -> Response:
+        log.exception("unhandled error", exc_info=error)
+        return _error_response(
+            InternalError("The gateway failed to process the request.",
+                          detail=f"{type(error).__name__}: {error}"),
+            debug,
+        )
+
+    return app

@@ -1,0 +1,663 @@
+"""One request's life, independent of the web framework.
+
+``Gateway`` holds everything built from a config (router, key check, groups, connections) and
+serves requests described by :class:`IncomingRequest`, answering with a :class:`Reply` (a whole
+body) or a :class:`StreamReply` (an SSE body). The HTTP edge (:mod:`lm_gateway.server`) only
+adapts Quart's request and response objects to these.
+
+The order of steps for a chat completion::
+
+    enabled? -> authenticate (401) -> parse + validate body (400) -> route (404)
+      -> group may use connection/model (403) -> connection call -> answer
+
+Authentication comes before parsing (DESIGN.md had it the other way round): an unauthenticated
+caller learns nothing about the body format, and junk costs no JSON parsing.
+
+Streaming: the handler pulls the upstream's first chunk *before* the response starts, so an
+upstream refusal is answered with its real HTTP status; once the first byte went out, a failure
+becomes a final SSE ``{"error": ...}`` event and the stream ends (no ``[DONE]``).
+
+Cancellation: when the client leaves, the edge cancels the request's scope. A non-streaming
+call is cancelled inside ``await connection.chat()``, which closes its upstream connection; a
+stream is closed by :meth:`SSERelay.aclose`, which both the response body and the request scope
+call (whichever comes first). Either way the record's outcome is ``cancelled``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from types import TracebackType
+from typing import Any
+
+import attrs
+import orjson
+import trio
+
+from .auth import (
+    AllowAll,
+    ConfigKeyCheck,
+    KeyCheckResult,
+    api_key_id,
+    extract_api_key,
+    normalize_check_result,
+)
+from .config.model import Config, Group
+from .config.resolve import resolve_extension
+from .errors import (
+    AuthenticationFailed,
+    ConfigError,
+    GatewayError,
+    InternalError,
+    ModelNotFound,
+    PermissionDenied,
+    ServiceDisabled,
+    UpstreamError,
+)
+from .observability import RecordSink, RequestRecord
+from .providers import ChatCall, ChatStream, Connection, build_connection, close_quietly
+from .routing import Route, Router, allowed_model, is_pattern
+from .wire.openai import StreamTally, parse_json_object, validate_chat_request, wants_stream_usage
+from .wire.sse import DONE_EVENT
+
+log = logging.getLogger("lm_gateway")
+
+JSON_TYPE = "application/json"
+SSE_HEADERS = {
+    "content-type": "text/event-stream; charset=utf-8",
+    # Proxies must pass events through as they come.
+    "cache-control": "no-cache",
+    "x-accel-buffering": "no",
+}
+#: Upstream model lists are re-fetched after this long when fetching failed.
+_MODEL_LIST_FAILURE_TTL = 10.0
+
+KeyCheck = Callable[[str], Any]
+
+
+@attrs.define
+class IncomingRequest:
+    """A request as the service sees it. ``headers`` maps lower-case names to values."""
+
+    method: str
+    path: str
+    headers: Mapping[str, str]
+    body: bytes = b""
+    client_addr: str | None = None
+    request_id: str = attrs.field(factory=lambda: secrets.token_hex(8))
+
+
+@attrs.define
+class Reply:
+    """A whole answer."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str] = attrs.field(factory=dict)
+    content_type: str = JSON_TYPE
+
+
+@attrs.define
+class StreamReply:
+    """A streaming answer; ``body`` is an async iterator of SSE bytes that must be closed."""
+
+    body: SSERelay
+    status: int = 200
+    headers: dict[str, str] = attrs.field(factory=lambda: dict(SSE_HEADERS))
+
+
+class RequestScope:
+    """Resources and tasks owned by one HTTP request.
+
+    The edge opens it around the whole request (including sending the response body) with
+    :func:`open_request_scope`; anything registered with :meth:`add_closer` is closed, and every
+    task in :attr:`nursery` cancelled, when the request ends for any reason.
+    """
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+
+    def add_closer(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """Run ``closer()`` when the request ends (it must be idempotent and shield-safe)."""
+        self._closers.append(closer)
+
+    async def _close_all(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            while self._closers:
+                closer = self._closers.pop()
+                try:
+                    await closer()
+                except Exception:
+                    log.exception("closing a request resource failed")
+
+
+@contextlib.asynccontextmanager
+async def open_request_scope() -> AsyncIterator[RequestScope]:
+    """A :class:`RequestScope` whose tasks and resources do not outlive the ``async with``."""
+    async with trio.open_nursery() as nursery:
+        scope = RequestScope(nursery)
+        try:
+            yield scope
+        finally:
+            nursery.cancel_scope.cancel()
+            await scope._close_all()
+
+
+class Gateway:
+    """Everything built from one :class:`Config`. Two gateways never share state.
+
+    Construction does no I/O (connection pools open on first use). Call :meth:`aclose` when done
+    (the server does it on shutdown) and run :meth:`serve_background` in a nursery so request
+    records reach listeners.
+
+    Raises:
+        ConfigError: a referenced extension (key check, custom connection) cannot be loaded.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.debug = config.debug
+        self.router = Router(config.routing)
+        self.groups: Mapping[str, Group] = config.groups
+        self.key_check, self._key_check_is_async, self._key_check_inline = self._build_key_check(
+            config
+        )
+        self._key_secret = (config.encryption_key or "lm-gateway").encode()
+        self.records = RecordSink()
+        self.connections: dict[str, Connection] = {}
+        try:
+            for name, conn_config in config.connections.items():
+                self.connections[name] = build_connection(conn_config)
+        except BaseException:
+            # Pools opened so far own no sockets yet; nothing to release but the objects.
+            self.connections.clear()
+            raise
+        self._model_lists: dict[str, tuple[float, list[dict[str, Any]] | None]] = {}
+        self._model_list_locks: dict[str, trio.Lock] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def warnings(self) -> list[str]:
+        """Config warnings plus routing rules that can never match."""
+        out = list(self.config.warnings)
+        for rule, by in self.router.shadowed():
+            out.append(
+                f"routing rule {rule.pattern!r} (#{rule.index + 1}) can never match: the earlier "
+                f"rule {by.pattern!r} (#{by.index + 1}) catches every model name it would"
+            )
+        return out
+
+    async def serve_background(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run the gateway's background work (record delivery) until :meth:`aclose`."""
+        await self.records.serve(task_status=task_status)
+
+    async def aclose(self) -> None:
+        """Close every connection's pool and stop background work after it drains."""
+        self.records.close()
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            for connection in self.connections.values():
+                try:
+                    await connection.aclose()
+                except Exception:
+                    log.exception("closing connection %r failed", connection.name)
+
+    # -- building blocks -----------------------------------------------------------------------
+
+    @staticmethod
+    def _build_key_check(config: Config) -> tuple[KeyCheck, bool, bool]:
+        """The key check and how to call it: (check, is_async, safe_to_call_inline)."""
+        if config.api_key_check is None:
+            return ConfigKeyCheck(config.groups), False, True
+        check = resolve_extension(config.api_key_check)
+        if not callable(check):
+            raise ConfigError(
+                f"the API key check is a {type(check).__name__}, which is not callable",
+                config.api_key_check.config_path,
+            )
+        is_async = inspect.iscoroutinefunction(check) or inspect.iscoroutinefunction(
+            getattr(check, "__call__", None)  # noqa: B004 - instances with async __call__
+        )
+        inline = isinstance(check, AllowAll | ConfigKeyCheck)
+        return check, is_async, inline
+
+    def _new_record(self, request: IncomingRequest, endpoint: str) -> RequestRecord:
+        return RequestRecord(
+            id=request.request_id,
+            endpoint=endpoint,
+            method=request.method,
+            path=request.path,
+            client_addr=request.client_addr,
+        )
+
+    def _error_reply(self, error: GatewayError, record: RequestRecord) -> Reply:
+        """Finish ``record`` with ``error`` and build the OpenAI-shaped error answer."""
+        status = error.http_status
+        outcome = "error" if isinstance(error, UpstreamError | InternalError) else "rejected"
+        if record.finish(outcome, status):
+            record.error_type = error.type
+            record.error_code = error.code
+            record.error_message = error.message
+            if isinstance(error, InternalError):
+                log.error("request %s: %s (%s)", record.id, error.message, error.detail)
+            elif isinstance(error, UpstreamError) and error.detail:
+                log.warning("request %s: %s (%s)", record.id, error.message, error.detail)
+            self.records.submit(record)
+        headers = dict(error.headers)
+        headers["x-request-id"] = record.id
+        return Reply(status, orjson.dumps(error.to_body(debug=self.debug)), headers)
+
+    def _ok_reply(self, record: RequestRecord, body: Any, status: int = 200) -> Reply:
+        if record.finish("ok", status):
+            self.records.submit(record)
+        return Reply(status, orjson.dumps(body), {"x-request-id": record.id})
+
+    def _record_cancelled(self, record: RequestRecord) -> None:
+        if record.finish("cancelled", 499):
+            self.records.submit(record)
+
+    def _check_enabled(self) -> None:
+        if not self.config.enabled:
+            raise ServiceDisabled("The service is disabled.")
+
+    async def _authenticate(self, request: IncomingRequest, record: RequestRecord) -> Group:
+        key = extract_api_key(request.headers)
+        if key is None and not getattr(self.key_check, "accepts_missing_key", False):
+            raise AuthenticationFailed(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' "
+                "(or in the 'x-api-key' header)."
+            )
+        result = await self._run_key_check(key or "")
+        if result is None:
+            raise AuthenticationFailed("Incorrect API key provided: it is invalid or revoked.")
+        group = self.groups.get(result.group)
+        if group is None:
+            raise InternalError(
+                "The API key check put this key in a group that is not configured.",
+                code="invalid_group",
+                detail=f"api_key_check returned group {result.group!r}; configured groups: "
+                f"{', '.join(sorted(self.groups)) or 'none'}",
+            )
+        record.group = group.name
+        record.user_info = dict(result.user_info)
+        if key:
+            record.api_key_id = api_key_id(key, self._key_secret)
+        return group
+
+    async def _run_key_check(self, key: str) -> KeyCheckResult | None:
+        check = self.key_check
+        where = "api_key_check"
+        try:
+            if self._key_check_inline:
+                result = check(key)
+            elif self._key_check_is_async:
+                result = await check(key)
+            else:
+                # A user's sync check may do I/O (lm-proxy's HTTP check did): keep it off the loop.
+                result = await trio.to_thread.run_sync(check, key)
+                if inspect.isawaitable(result):
+                    result = await result
+        except GatewayError:
+            raise
+        except Exception as exc:
+            log.exception("api_key_check raised")
+            raise InternalError(
+                "The API key check failed.", detail=f"{type(exc).__name__}: {exc}"
+            ) from exc
+        return normalize_check_result(result, where)
+
+    def _authorize(self, group: Group, route: Route) -> None:
+        if not group.allows_connection(route.connection):
+            raise PermissionDenied(
+                f"Your API key does not allow using the {route.connection!r} connection.",
+                code="connection_not_allowed",
+                param="model",
+            )
+        if not allowed_model(group.allowed_models, route.client_model):
+            raise PermissionDenied(
+                f"Your API key does not allow using the model {route.client_model!r}.",
+                code="model_not_allowed",
+                param="model",
+            )
+
+    # -- endpoints -------------------------------------------------------------------------------
+
+    async def health(self, request: IncomingRequest) -> Reply:
+        """Liveness: 200 while serving, 503 when ``enabled = false``. No authentication."""
+        if not self.config.enabled:
+            error = ServiceDisabled("The service is disabled.")
+            return Reply(503, orjson.dumps(error.to_body()), {"x-request-id": request.request_id})
+        await trio.lowlevel.checkpoint()
+        return Reply(200, b'{"status":"ok"}', {"x-request-id": request.request_id})
+
+    async def chat_completions(
+        self, request: IncomingRequest, scope: RequestScope
+    ) -> Reply | StreamReply:
+        """Serve ``POST {prefix}/chat/completions``. Never raises a GatewayError: those become
+        error replies. Cancellation propagates (after recording the request as cancelled)."""
+        record = self._new_record(request, "chat.completions")
+        try:
+            self._check_enabled()
+            group = await self._authenticate(request, record)
+            data = parse_json_object(request.body)
+            validate_chat_request(data)
+            stream = bool(data.get("stream"))
+            record.model = model = data["model"]
+            record.stream = stream
+            route = self.router.resolve(model)
+            record.connection = route.connection
+            record.upstream_model = route.upstream_model
+            self._authorize(group, route)
+            connection = self.connections[route.connection]
+            client_wants_usage = wants_stream_usage(data)
+            data["model"] = route.upstream_model
+            call = ChatCall(
+                body=data,
+                client_model=model,
+                stream=stream,
+                deadline=trio.current_time() + self.config.request_timeout_seconds,
+                request_id=record.id,
+                nursery=scope.nursery,
+            )
+            if not stream:
+                result = await connection.chat(call)
+                record.mark_first_chunk()
+                body = result.body
+                body["model"] = model
+                usage = body.get("usage")
+                record.usage = usage if isinstance(usage, dict) else None
+                record.finish_reasons = [
+                    c.get("finish_reason") for c in body.get("choices") or []
+                    if isinstance(c, dict) and c.get("finish_reason")
+                ]
+                reply = self._ok_reply(record, body)
+                reply.headers.update(result.headers)
+                return reply
+            upstream = await connection.open_chat_stream(call)
+            relay = SSERelay(
+                self,
+                upstream,
+                record,
+                model,
+                strip_usage=call.usage_requested_by_gateway and not client_wants_usage,
+            )
+            scope.add_closer(relay.aclose)
+            await relay.prefetch()
+            return StreamReply(relay, headers={**SSE_HEADERS, "x-request-id": record.id})
+        except GatewayError as error:
+            return self._error_reply(error, record)
+        except trio.Cancelled:
+            self._record_cancelled(record)
+            raise
+        except Exception as exc:
+            log.exception("request %s failed unexpectedly", record.id)
+            return self._error_reply(
+                InternalError("The gateway failed to process the request.",
+                              detail=f"{type(exc).__name__}: {exc}"),
+                record,
+            )
+
+    async def list_models(self, request: IncomingRequest) -> Reply:
+        """Serve ``GET {prefix}/models``: the models the caller's group may use."""
+        record = self._new_record(request, "models.list")
+        try:
+            self._check_enabled()
+            group = await self._authenticate(request, record)
+            entries = await self._model_entries(group)
+            return self._ok_reply(record, {"object": "list", "data": entries})
+        except GatewayError as error:
+            return self._error_reply(error, record)
+        except trio.Cancelled:
+            self._record_cancelled(record)
+            raise
+
+    async def retrieve_model(self, request: IncomingRequest, model_id: str) -> Reply:
+        """Serve ``GET {prefix}/models/{id}``: 404 unless the caller could use that model."""
+        record = self._new_record(request, "models.retrieve")
+        try:
+            self._check_enabled()
+            group = await self._authenticate(request, record)
+            record.model = model_id
+            entry = await self._model_entry(group, model_id)
+            if entry is None:
+                raise ModelNotFound(f"The model {model_id!r} does not exist.", param="model")
+            return self._ok_reply(record, entry)
+        except GatewayError as error:
+            return self._error_reply(error, record)
+        except trio.Cancelled:
+            self._record_cancelled(record)
+            raise
+
+    # -- model listing ---------------------------------------------------------------------------
+
+    def _entry(self, model_id: str, connection: str, base: Mapping[str, Any] | None = None) -> dict[
+        str, Any
+    ]:
+        entry: dict[str, Any] = {"id": model_id, "object": "model", "created": 0,
+                                 "owned_by": connection}
+        if base:
+            entry.update(base)
+            entry["id"] = model_id
+        entry.update(self.config.model_info.get(model_id, {}))
+        return entry
+
+    def _usable(self, group: Group, model_id: str) -> Route | None:
+        """The route of ``model_id`` if ``group`` may use it, else None."""
+        route = self.router.match(model_id)
+        if route is None or not group.allows_connection(route.connection):
+            return None
+        if not allowed_model(group.allowed_models, model_id):
+            return None
+        return route
+
+    async def _model_entries(self, group: Group) -> list[dict[str, Any]]:
+        mode = self.config.model_listing_mode
+        entries: dict[str, dict[str, Any]] = {}
+        for rule in self.router.rules:
+            if not group.allows_connection(rule.connection):
+                continue
+            if not is_pattern(rule.pattern):
+                route = self._usable(group, rule.pattern)
+                if route is not None and route.rule is rule and rule.pattern not in entries:
+                    entries[rule.pattern] = self._entry(rule.pattern, rule.connection)
+            elif mode == "as_is":
+                if rule.pattern not in entries and allowed_model(group.allowed_models,
+                                                                  rule.pattern):
+                    entries[rule.pattern] = self._entry(rule.pattern, rule.connection)
+            elif mode == "expand_wildcards" and rule.model is None:
+                for upstream in await self._upstream_models(rule.connection) or ():
+                    model_id = upstream["id"]
+                    route = self._usable(group, model_id)
+                    if route is not None and route.rule is rule and model_id not in entries:
+                        entries[model_id] = self._entry(model_id, rule.connection, upstream)
+        return list(entries.values())
+
+    async def _model_entry(self, group: Group, model_id: str) -> dict[str, Any] | None:
+        route = self._usable(group, model_id)
+        if route is None:
+            return None
+        rule = route.rule
+        if (
+            self.config.model_listing_mode == "expand_wildcards"
+            and is_pattern(rule.pattern)
+            and rule.model is None
+        ):
+            for upstream in await self._upstream_models(rule.connection) or ():
+                if upstream["id"] == model_id:
+                    return self._entry(model_id, rule.connection, upstream)
+            return None
+        return self._entry(model_id, rule.connection)
+
+    async def _upstream_models(self, connection: str) -> list[dict[str, Any]] | None:
+        """The connection's model list, cached for ``model_listing_cache_seconds``.
+
+        One fetch at a time per connection: concurrent callers wait for it instead of each
+        asking the upstream. A failed fetch is logged and cached briefly as "no list".
+        """
+        now = trio.current_time()
+        cached = self._model_lists.get(connection)
+        if cached and cached[0] > now:
+            return cached[1]
+        lock = self._model_list_locks.setdefault(connection, trio.Lock())
+        async with lock:
+            cached = self._model_lists.get(connection)
+            now = trio.current_time()
+            if cached and cached[0] > now:
+                return cached[1]
+            try:
+                models = await self.connections[connection].list_models()
+                ttl = self.config.model_listing_cache_seconds
+            except GatewayError as exc:
+                log.warning("listing models of connection %r failed: %s (%s)", connection,
+                            exc.message, exc.detail)
+                models, ttl = None, _MODEL_LIST_FAILURE_TTL
+            self._model_lists[connection] = (trio.current_time() + ttl, models)
+            return models
+
+
+class SSERelay:
+    """The body of a streaming answer: upstream chunks re-encoded as SSE, with bookkeeping.
+
+    It implements Quart's ``ResponseBody`` protocol (``async with`` + ``async for``) and is a
+    plain object, not an async generator, so no cancel scope or nursery is ever held across a
+    ``yield`` (PEP 789). Per upstream read it writes one ``bytes`` (all chunks of that read), so a
+    burst of chunks costs one write to the client.
+
+    Resource handling: owns the upstream stream from construction; :meth:`aclose` (idempotent)
+    closes it and finishes the request record.
+    """
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        upstream: ChatStream,
+        record: RequestRecord,
+        client_model: str,
+        *,
+        strip_usage: bool,
+    ) -> None:
+        self._gateway = gateway
+        self._upstream = upstream
+        self._record = record
+        self._model = client_model
+        self._strip_usage = strip_usage
+        self._tally = StreamTally()
+        self._pending: bytes | None = None
+        self._ended = False
+        self._closed = False
+
+    async def prefetch(self) -> None:
+        """Read up to the first chunk, so upstream failures before it surface as exceptions.
+
+        Raises:
+            GatewayError: the upstream failed before its first chunk (the stream is closed).
+        """
+        try:
+            while True:
+                batch = await self._upstream.receive()
+                if not batch:
+                    self._pending = DONE_EVENT
+                    self._ended = True
+                    self._finish("ok", 200)
+                    break
+                data = self._encode(batch)
+                if data:
+                    self._pending = data
+                    break
+        except BaseException:
+            await close_quietly(self._upstream)
+            self._closed = True
+            raise
+        self._record.mark_first_chunk()
+
+    def _encode(self, batch: list[dict[str, Any]]) -> bytes:
+        parts: list[bytes] = []
+        tally = self._tally
+        for chunk in batch:
+            tally.observe(chunk)
+            if self._strip_usage and "usage" in chunk:
+                # The usage chunk was requested for our accounting, not by the client.
+                if not chunk.get("choices"):
+                    continue
+                del chunk["usage"]
+            if "model" in chunk:
+                chunk["model"] = self._model
+            parts.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        return b"".join(parts)
+
+    # Quart ResponseBody protocol.
+    async def __aenter__(self) -> SSERelay:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> SSERelay:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._pending is not None:
+            data, self._pending = self._pending, None
+            return data
+        if self._ended:
+            raise StopAsyncIteration
+        while True:
+            try:
+                batch = await self._upstream.receive()
+            except GatewayError as error:
+                return self._fail(error)
+            if not batch:
+                self._ended = True
+                self._finish("ok", 200)
+                return DONE_EVENT
+            data = self._encode(batch)
+            if data:
+                return data
+
+    def _fail(self, error: GatewayError) -> bytes:
+        """End the stream with an error event (the status line went out long ago)."""
+        self._ended = True
+        record = self._record
+        if record.outcome is None:
+            record.error_type = error.type
+            record.error_code = error.code
+            record.error_message = error.message
+            if error.detail:
+                log.warning("request %s: stream failed: %s (%s)", record.id, error.message,
+                            error.detail)
+        self._finish("error", error.http_status)
+        return b"data: " + orjson.dumps(error.to_body(debug=self._gateway.debug)) + b"\n\n"
+
+    def _finish(self, outcome: Any, status: int) -> None:
+        record = self._record
+        tally = self._tally
+        record.usage = tally.usage
+        record.chunks = tally.chunks
+        record.finish_reasons = list(tally.finish_reasons.values())
+        if record.finish(outcome, status):
+            self._gateway.records.submit(record)
+
+    async def aclose(self) -> None:
+        """Close the upstream; if the stream had not ended, the client left: record it so."""
+        if self._closed:
+            return
+        self._closed = True
+        await close_quietly(self._upstream)
+        if not self._ended:
+            self._finish("cancelled", 499)
+
+    # For tests and embedding: the final tallies.
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        return self._tally.usage
+

@@ -1,0 +1,214 @@
+"""The OpenAI chat-completions wire format: request checks and response/chunk bookkeeping.
+
+Pure functions over parsed JSON. The gateway checks what it needs and what is cheap to check
+(types of well-known fields, message structure) so a client gets a clear 400 naming the field,
+as OpenAI itself would answer; fields it does not know are forwarded untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from ..errors import InvalidRequest
+
+JSONObject = dict[str, Any]
+
+_NUMBER = (int, float)
+
+# field -> (accepted Python types, description for messages). None is always accepted.
+_FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "stream": ((bool,), "a boolean"),
+    "stream_options": ((dict,), "an object"),
+    "n": ((int,), "an integer"),
+    "temperature": (_NUMBER, "a number"),
+    "top_p": (_NUMBER, "a number"),
+    "presence_penalty": (_NUMBER, "a number"),
+    "frequency_penalty": (_NUMBER, "a number"),
+    "max_tokens": ((int,), "an integer"),
+    "max_completion_tokens": ((int,), "an integer"),
+    "seed": ((int,), "an integer"),
+    "top_logprobs": ((int,), "an integer"),
+    "logprobs": ((bool,), "a boolean"),
+    "parallel_tool_calls": ((bool,), "a boolean"),
+    "store": ((bool,), "a boolean"),
+    "tools": ((list,), "an array"),
+    "tool_choice": ((str, dict), "a string or an object"),
+    "response_format": ((dict,), "an object"),
+    "user": ((str,), "a string"),
+    "metadata": ((dict,), "an object"),
+    "logit_bias": ((dict,), "an object"),
+    "stop": ((str, list), "a string or an array of strings"),
+    "reasoning_effort": ((str,), "a string"),
+    "service_tier": ((str,), "a string"),
+    "modalities": ((list,), "an array"),
+}
+
+_TYPE_WORDS = {
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "an array",
+    dict: "an object",
+}
+
+
+def _kind(value: Any) -> str:
+    return _TYPE_WORDS.get(type(value), type(value).__name__)
+
+
+def _type_error(param: str, expected: str, value: Any) -> InvalidRequest:
+    return InvalidRequest(
+        f"Invalid type for '{param}': expected {expected}, but got {_kind(value)} instead.",
+        param=param,
+        code="invalid_type",
+    )
+
+
+def parse_json_object(body: bytes) -> JSONObject:
+    """Parse a request body that must be a JSON object.
+
+    Raises:
+        InvalidRequest: empty body, malformed JSON (with orjson's position), or not an object.
+    """
+    if not body:
+        raise InvalidRequest(
+            "The request body is empty; expected a JSON object.", code="invalid_json"
+        )
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(
+            f"The request body is not valid JSON: {exc}", code="invalid_json"
+        ) from exc
+    if not isinstance(data, dict):
+        raise InvalidRequest(
+            f"The request body must be a JSON object, not {_kind(data)}.", code="invalid_json"
+        )
+    return data
+
+
+def validate_chat_request(data: Mapping[str, Any]) -> None:
+    """Check a chat-completions request the way OpenAI would, naming the field at fault.
+
+    Raises:
+        InvalidRequest: a required field is missing or a known field has the wrong type.
+    """
+    model = data.get("model")
+    if model is None:
+        raise InvalidRequest("Missing required parameter: 'model'.", param="model",
+                             code="missing_required_parameter")
+    if not isinstance(model, str):
+        raise _type_error("model", "a string", model)
+    if not model.strip():
+        raise InvalidRequest("'model' must not be empty.", param="model", code="invalid_value")
+    messages = data.get("messages")
+    if messages is None:
+        raise InvalidRequest("Missing required parameter: 'messages'.", param="messages",
+                             code="missing_required_parameter")
+    if not isinstance(messages, list):
+        raise _type_error("messages", "an array", messages)
+    if not messages:
+        raise InvalidRequest("'messages' must contain at least one message.", param="messages",
+                             code="invalid_value")
+    for i, message in enumerate(messages):
+        _validate_message(message, f"messages[{i}]")
+    for field, (types, expected) in _FIELD_TYPES.items():
+        value = data.get(field)
+        if value is None:
+            continue
+        # bool is an int in Python; JSON true is not a number.
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise _type_error(field, expected, value)
+    n = data.get("n")
+    if n is not None and n < 1:
+        raise InvalidRequest("'n' must be at least 1.", param="n", code="invalid_value")
+    stop = data.get("stop")
+    if isinstance(stop, list):
+        for i, item in enumerate(stop):
+            if not isinstance(item, str):
+                raise _type_error(f"stop[{i}]", "a string", item)
+    tools = data.get("tools")
+    if tools:
+        for i, tool in enumerate(tools):
+            if not isinstance(tool, dict):
+                raise _type_error(f"tools[{i}]", "an object", tool)
+
+
+def _validate_message(message: Any, param: str) -> None:
+    if not isinstance(message, dict):
+        raise _type_error(param, "an object", message)
+    role = message.get("role")
+    if role is None:
+        raise InvalidRequest(f"Missing required parameter: '{param}.role'.", param=f"{param}.role",
+                             code="missing_required_parameter")
+    if not isinstance(role, str) or not role:
+        raise _type_error(f"{param}.role", "a non-empty string", role)
+    content = message.get("content")
+    if content is not None and not isinstance(content, str):
+        if not isinstance(content, list):
+            raise _type_error(f"{param}.content", "a string or an array", content)
+        for j, part in enumerate(content):
+            if not isinstance(part, dict):
+                raise _type_error(f"{param}.content[{j}]", "an object", part)
+            if not isinstance(part.get("type"), str):
+                raise InvalidRequest(
+                    f"Missing required parameter: '{param}.content[{j}].type'.",
+                    param=f"{param}.content[{j}].type",
+                    code="missing_required_parameter",
+                )
+    tool_calls = message.get("tool_calls")
+    if tool_calls is not None and not isinstance(tool_calls, list):
+        raise _type_error(f"{param}.tool_calls", "an array", tool_calls)
+
+
+def message_text(message: Mapping[str, Any]) -> str:
+    """The text of a message: string content, or its text parts joined."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            part.get("text", "") for part in content
+            if isinstance(part, dict) and part.get("type") == "text"
+            and isinstance(part.get("text"), str)
+        )
+    return ""
+
+
+def wants_stream_usage(request: Mapping[str, Any]) -> bool:
+    """Whether the client asked for the final usage chunk (``stream_options.include_usage``)."""
+    options = request.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+class StreamTally:
+    """What the gateway learns from a stream of chunks: usage, finish reasons, chunk count."""
+
+    def __init__(self) -> None:
+        self.usage: JSONObject | None = None
+        self.finish_reasons: dict[int, str] = {}
+        self.chunks = 0
+        self.id: str | None = None
+
+    def observe(self, chunk: Mapping[str, Any]) -> None:
+        """Record one chunk (cheap: a few dict lookups)."""
+        self.chunks += 1
+        if self.id is None and isinstance(chunk.get("id"), str):
+            self.id = chunk["id"]
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+        for choice in chunk.get("choices") or ():
+            if isinstance(choice, dict):
+                reason = choice.get("finish_reason")
+                if reason:
+                    self.finish_reasons[choice.get("index", 0)] = reason
+
+    @property
+    def finished(self) -> bool:
+        """Whether any choice reported a finish reason."""
+        return bool(self.finish_reasons)
