@@ -50,7 +50,12 @@ class Router:
     def __init__(self, rules: Sequence[RouteRule]) -> None:
         self.rules: tuple[RouteRule, ...] = tuple(rules)
         self._matchers = [
-            (rule, None if not is_pattern(rule.pattern) else re.compile(fnmatch.translate(rule.pattern)))
+            (
+                rule,
+                None
+                if not is_pattern(rule.pattern)
+                else re.compile(fnmatch.translate(rule.pattern)),
+            )
             for rule in self.rules
         ]
         self._cache: dict[str, Route | None] = {}

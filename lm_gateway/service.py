@@ -57,7 +57,7 @@ from .errors import (
     ServiceDisabled,
     UpstreamError,
 )
-from .observability import RecordSink, RequestRecord
+from .observability import Outcome, RecordSink, RequestRecord
 from .providers import ChatCall, ChatStream, Connection, build_connection, close_quietly
 from .routing import Route, Router, allowed_model, is_pattern
 from .wire.openai import StreamTally, parse_json_object, validate_chat_request, wants_stream_usage
@@ -238,7 +238,9 @@ class Gateway:
     def _error_reply(self, error: GatewayError, record: RequestRecord) -> Reply:
         """Finish ``record`` with ``error`` and build the OpenAI-shaped error answer."""
         status = error.http_status
-        outcome = "error" if isinstance(error, UpstreamError | InternalError) else "rejected"
+        outcome: Outcome = (
+            "error" if isinstance(error, UpstreamError | InternalError) else "rejected"
+        )
         if record.finish(outcome, status):
             record.error_type = error.type
             record.error_code = error.code
@@ -372,8 +374,9 @@ class Gateway:
                 usage = body.get("usage")
                 record.usage = usage if isinstance(usage, dict) else None
                 record.finish_reasons = [
-                    c.get("finish_reason") for c in body.get("choices") or []
-                    if isinstance(c, dict) and c.get("finish_reason")
+                    c["finish_reason"]
+                    for c in body.get("choices") or []
+                    if isinstance(c, dict) and isinstance(c.get("finish_reason"), str)
                 ]
                 reply = self._ok_reply(record, body)
                 reply.headers.update(result.headers)
@@ -397,8 +400,10 @@ class Gateway:
         except Exception as exc:
             log.exception("request %s failed unexpectedly", record.id)
             return self._error_reply(
-                InternalError("The gateway failed to process the request.",
-                              detail=f"{type(exc).__name__}: {exc}"),
+                InternalError(
+                    "The gateway failed to process the request.",
+                    detail=f"{type(exc).__name__}: {exc}",
+                ),
                 record,
             )
 
@@ -435,11 +440,15 @@ class Gateway:
 
     # -- model listing ---------------------------------------------------------------------------
 
-    def _entry(self, model_id: str, connection: str, base: Mapping[str, Any] | None = None) -> dict[
-        str, Any
-    ]:
-        entry: dict[str, Any] = {"id": model_id, "object": "model", "created": 0,
-                                 "owned_by": connection}
+    def _entry(
+        self, model_id: str, connection: str, base: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "id": model_id,
+            "object": "model",
+            "created": 0,
+            "owned_by": connection,
+        }
         if base:
             entry.update(base)
             entry["id"] = model_id
@@ -466,8 +475,9 @@ class Gateway:
                 if route is not None and route.rule is rule and rule.pattern not in entries:
                     entries[rule.pattern] = self._entry(rule.pattern, rule.connection)
             elif mode == "as_is":
-                if rule.pattern not in entries and allowed_model(group.allowed_models,
-                                                                  rule.pattern):
+                if rule.pattern not in entries and allowed_model(
+                    group.allowed_models, rule.pattern
+                ):
                     entries[rule.pattern] = self._entry(rule.pattern, rule.connection)
             elif mode == "expand_wildcards" and rule.model is None:
                 for upstream in await self._upstream_models(rule.connection) or ():
@@ -513,8 +523,12 @@ class Gateway:
                 models = await self.connections[connection].list_models()
                 ttl = self.config.model_listing_cache_seconds
             except GatewayError as exc:
-                log.warning("listing models of connection %r failed: %s (%s)", connection,
-                            exc.message, exc.detail)
+                log.warning(
+                    "listing models of connection %r failed: %s (%s)",
+                    connection,
+                    exc.message,
+                    exc.detail,
+                )
                 models, ttl = None, _MODEL_LIST_FAILURE_TTL
             self._model_lists[connection] = (trio.current_time() + ttl, models)
             return models
@@ -633,12 +647,13 @@ class SSERelay:
             record.error_code = error.code
             record.error_message = error.message
             if error.detail:
-                log.warning("request %s: stream failed: %s (%s)", record.id, error.message,
-                            error.detail)
+                log.warning(
+                    "request %s: stream failed: %s (%s)", record.id, error.message, error.detail
+                )
         self._finish("error", error.http_status)
         return b"data: " + orjson.dumps(error.to_body(debug=self._gateway.debug)) + b"\n\n"
 
-    def _finish(self, outcome: Any, status: int) -> None:
+    def _finish(self, outcome: Outcome, status: int) -> None:
         record = self._record
         tally = self._tally
         record.usage = tally.usage
@@ -660,4 +675,3 @@ class SSERelay:
     @property
     def usage(self) -> dict[str, Any] | None:
         return self._tally.usage
-

@@ -73,8 +73,7 @@ def _parse_toml(text: str, path: Path) -> Mapping[str, Any]:
         doc = tomlkit.parse(text)
     except tomlkit.exceptions.ParseError as exc:
         raise ConfigError(f"{path}: TOML syntax error: {exc}") from exc
-    data = doc.unwrap()
-    return data
+    return doc.unwrap()
 
 
 def _parse_yaml(text: str, path: Path) -> Mapping[str, Any]:
@@ -104,9 +103,7 @@ def _read_python(path: Path) -> Mapping[str, Any]:
     try:
         namespace = runpy.run_path(str(path), run_name="lm_gateway_config")
     except Exception as exc:
-        raise ConfigError(
-            f"{path}: the Python config raised {type(exc).__name__}: {exc}"
-        ) from exc
+        raise ConfigError(f"{path}: the Python config raised {type(exc).__name__}: {exc}") from exc
     if "config" not in namespace:
         raise ConfigError(f"{path}: a Python config must define 'config' (a dict)")
     return _top_table(namespace["config"], path)

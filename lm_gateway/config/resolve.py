@@ -27,7 +27,9 @@ def import_object(path: str, config_path: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"cannot import {module_name!r} for {path!r}: {exc}", config_path) from exc
+        raise ConfigError(
+            f"cannot import {module_name!r} for {path!r}: {exc}", config_path
+        ) from exc
     except Exception as exc:
         raise ConfigError(
             f"importing {module_name!r} raised {type(exc).__name__}: {exc}", config_path
@@ -44,7 +46,9 @@ def resolve_extension(ref: ExtensionRef) -> Any:
     Raises:
         ConfigError: import or construction failed (naming ``ref.config_path``).
     """
-    target = ref.obj if ref.obj is not None else import_object(str(ref.import_path), ref.config_path)
+    target: Any = (
+        ref.obj if ref.obj is not None else import_object(str(ref.import_path), ref.config_path)
+    )
     if ref.instantiate or (inspect.isclass(target) and ref.obj is None):
         try:
             return target(**ref.params)

@@ -86,9 +86,14 @@ def _type_name(value: Any) -> str:
         float: "a number",
         str: "a string",
         type(None): "null",
-    }.get(type(value), "a list" if isinstance(value, list) else "a table" if isinstance(
-        value, Mapping
-    ) else type(value).__name__)
+    }.get(
+        type(value),
+        "a list"
+        if isinstance(value, list)
+        else "a table"
+        if isinstance(value, Mapping)
+        else type(value).__name__,
+    )
 
 
 class _Table:
@@ -111,7 +116,7 @@ class _Table:
     def fail(self, key: str, message: str) -> NoReturn:
         raise ConfigError(message, join_path(self.path, key))
 
-    def str(self, key: str, default: T) -> str | T:
+    def string(self, key: str, default: T) -> str | T:
         value = self.raw(key)
         if value is None:
             return default
@@ -119,7 +124,7 @@ class _Table:
             self.fail(key, f"expected a string, got {_type_name(value)}")
         return value
 
-    def bool(self, key: str, default: bool) -> bool:
+    def boolean(self, key: str, default: bool) -> bool:
         value = self.raw(key)
         if value is None:
             return default
@@ -130,7 +135,7 @@ class _Table:
             self.fail(key, f"expected true or false, got {_type_name(value)}")
         return value
 
-    def int(self, key: str, default: int, *, minimum: int = 0) -> int:
+    def integer(self, key: str, default: int, *, minimum: int = 0) -> int:
         value = self.raw(key)
         if value is None:
             return default
@@ -170,7 +175,8 @@ class _Table:
         for k, v in self.table(key).items():
             if not isinstance(v, str | int | float) or isinstance(v, bool):
                 raise ConfigError(
-                    f"expected a string, got {_type_name(v)}", join_path(join_path(self.path, key), k)
+                    f"expected a string, got {_type_name(v)}",
+                    join_path(join_path(self.path, key), k),
                 )
             out[str(k)] = str(v)
         return out
@@ -186,9 +192,9 @@ class _Table:
 
 
 _BOOL_WORDS = {
-    "1": True, "true": True, "yes": True, "on": True, "y": True, "enabled": True, "+": True,
-    "0": False, "false": False, "no": False, "off": False, "n": False, "disabled": False, "-": False,
-}  # fmt: skip
+    **dict.fromkeys(("1", "true", "yes", "on", "y", "enabled", "+"), True),
+    **dict.fromkeys(("0", "false", "no", "off", "n", "disabled", "-"), False),
+}
 
 
 def parse_bool_word(value: str) -> bool | None:
@@ -259,39 +265,41 @@ def _connection(name: str, value: Any, path: str, warnings: list[str]) -> Connec
         return CustomConnection(name=name, ref=ref)
 
     t = _Table(value, path)
-    api_type_value = t.str("api_type", "")
+    api_type_value = t.string("api_type", "")
     api_type = api_type_value.strip().lower()
     if not api_type:
         api_type = "openai"
     if api_type in API_TYPES_NOT_SUPPORTED_YET:
         t.fail("api_type", f"{API_TYPES_NOT_SUPPORTED_YET[api_type]} ({api_type_value!r})")
     if api_type == "echo":
-        conn = EchoConnection(
+        echo = EchoConnection(
             name=name, chunk_delay_seconds=t.seconds("chunk_delay_seconds", 0.0, positive=False)
         )
         if t.has("model"):
             t.raw("model")
             warnings.append(f"{join_path(path, 'model')}: ignored (routing rules pick the model)")
         t.finish()
-        return conn
+        return echo
     if api_type not in OPENAI_COMPATIBLE_PLATFORMS:
         supported = sorted({*OPENAI_COMPATIBLE_PLATFORMS, "echo"})
-        t.fail("api_type", f"unknown api_type {api_type_value!r}; supported: {', '.join(supported)}")
+        t.fail(
+            "api_type", f"unknown api_type {api_type_value!r}; supported: {', '.join(supported)}"
+        )
 
-    api_base = t.str("api_base", None) or t.str("openai_api_base", None)
-    api_key = t.str("api_key", None) or t.str("openai_api_key", None)
+    api_base = t.string("api_base", None) or t.string("openai_api_base", None)
+    api_key = t.string("api_key", None) or t.string("openai_api_key", None)
     headers = t.str_map("http_headers")
     request_timeout = t.seconds("request_timeout_seconds", None)
     # lm-proxy passed init_params to the SDK client; the meaningful ones map onto our keys.
     init = _Table(t.table("init_params"), join_path(path, "init_params"))
     if init.has("timeout"):
         request_timeout = init.seconds("timeout", None)
-    retries = init.int("max_retries", 0)
+    retries = init.integer("max_retries", 0)
     if retries:
         init.fail("max_retries", "upstream retries are not supported yet (set 0 or remove it)")
     headers.update(init.str_map("default_headers"))
-    api_base = init.str("base_url", None) or api_base
-    api_key = init.str("api_key", None) or api_key
+    api_base = init.string("base_url", None) or api_base
+    api_key = init.string("api_key", None) or api_key
     init.finish()
 
     if api_base is None:
@@ -306,8 +314,8 @@ def _connection(name: str, value: Any, path: str, warnings: list[str]) -> Connec
     for forbidden in ("model", "messages", "stream"):
         if forbidden in default_args:
             raise ConfigError(
-                "cannot set a default for this field", join_path(join_path(path, "default_args"),
-                                                                 forbidden)
+                "cannot set a default for this field",
+                join_path(join_path(path, "default_args"), forbidden),
             )
     if t.has("model"):
         t.raw("model")
@@ -321,7 +329,9 @@ def _connection(name: str, value: Any, path: str, warnings: list[str]) -> Connec
         word = parse_bool_word(verify_raw)
         verify = word if word is not None else verify_raw
     elif verify_raw is not None:
-        t.fail("verify_ssl", f"expected true, false or a CA bundle path; got {_type_name(verify_raw)}")
+        t.fail(
+            "verify_ssl", f"expected true, false or a CA bundle path; got {_type_name(verify_raw)}"
+        )
 
     conn = OpenAIConnection(
         name=name,
@@ -334,12 +344,12 @@ def _connection(name: str, value: Any, path: str, warnings: list[str]) -> Connec
         read_timeout_seconds=t.seconds("read_timeout_seconds", 600.0),
         write_timeout_seconds=t.seconds("write_timeout_seconds", 60.0),
         request_timeout_seconds=request_timeout,
-        max_connections=t.int("max_connections", 100, minimum=1),
-        max_keepalive_connections=t.int("max_keepalive_connections", 20, minimum=0),
+        max_connections=t.integer("max_connections", 100, minimum=1),
+        max_keepalive_connections=t.integer("max_keepalive_connections", 20, minimum=0),
         keepalive_expiry_seconds=t.seconds("keepalive_expiry_seconds", 30.0, positive=False),
-        http2=t.bool("http2", False),
+        http2=t.boolean("http2", False),
         verify_ssl=verify,
-        stream_usage=t.bool("stream_usage", True),
+        stream_usage=t.boolean("stream_usage", True),
     )
     t.finish()
     return conn
@@ -407,8 +417,9 @@ def _name_list(value: Any, path: str) -> list[str] | None:
     elif isinstance(value, list):
         items = value
     else:
-        raise ConfigError(f"expected '*', a comma-separated string or a list, got {_type_name(value)}",
-                          path)
+        raise ConfigError(
+            f"expected '*', a comma-separated string or a list, got {_type_name(value)}", path
+        )
     names: list[str] = []
     for i, item in enumerate(items):
         if not isinstance(item, str):
@@ -535,57 +546,59 @@ def build_config(
             key_check = None
     groups = _groups(t.raw("groups"), connections, keys_required=key_check is None)
 
-    mode = t.str("model_listing_mode", "as_is")
+    mode = t.string("model_listing_mode", "as_is")
     if mode not in ("as_is", "ignore_wildcards", "expand_wildcards"):
-        t.fail("model_listing_mode", f"expected as_is, ignore_wildcards or expand_wildcards, got {mode!r}")
+        t.fail(
+            "model_listing_mode",
+            f"expected as_is, ignore_wildcards or expand_wildcards, got {mode!r}",
+        )
 
-    prefix = t.str("api_prefix", "/v1").strip()
+    prefix = t.string("api_prefix", "/v1").strip()
     if prefix and not prefix.startswith("/"):
         t.fail("api_prefix", f"must start with '/' (or be empty), got {prefix!r}")
     prefix = prefix.rstrip("/")
 
-    host = t.str("host", "127.0.0.1").strip()
+    host = t.string("host", "127.0.0.1").strip()
     if not host:
         t.fail("host", "must not be empty")
-    port = t.int("port", 8000)
+    port = t.integer("port", 8000)
     if port > 65535:
         t.fail("port", f"must be at most 65535, got {port}")
-    certfile = t.str("ssl_certfile", None)
-    keyfile = t.str("ssl_keyfile", None)
+    certfile = t.string("ssl_certfile", None)
+    keyfile = t.string("ssl_keyfile", None)
     if (certfile is None) != (keyfile is None):
-        t.fail("ssl_keyfile" if keyfile is None else "ssl_certfile",
-               "ssl_certfile and ssl_keyfile must be set together")
+        t.fail(
+            "ssl_keyfile" if keyfile is None else "ssl_certfile",
+            "ssl_certfile and ssl_keyfile must be set together",
+        )
 
     _fail_later_feature(t, "before", "request handlers ('before') are not supported yet")
     _fail_later_feature(t, "loggers", "usage loggers are not supported yet")
     _fail_later_feature(t, "components", "components are not supported yet")
-    if t.bool("print_stream", False):
+    if t.boolean("print_stream", False):
         t.fail("print_stream", "is not supported (use --debug for request logging)")
 
     config = Config(
         connections=connections,
         routing=routing,
         groups=groups,
-        enabled=t.bool("enabled", True),
+        enabled=t.boolean("enabled", True),
         host=host,
         port=port,
         api_prefix=prefix,
-        debug=t.bool("debug", False),
+        debug=t.boolean("debug", False),
         ssl_certfile=certfile,
         ssl_keyfile=keyfile,
-        dev_autoreload=t.bool("dev_autoreload", False),
+        dev_autoreload=t.boolean("dev_autoreload", False),
         api_key_check=key_check,
         model_listing_mode=cast(ModelListingMode, mode),
-        model_listing_cache_seconds=t.seconds(
-            "model_listing_cache_seconds", 300.0, positive=False
-        ),
+        model_listing_cache_seconds=t.seconds("model_listing_cache_seconds", 300.0, positive=False),
         model_info=_model_info(t.raw("model_info")),
-        encryption_key=t.str("encryption_key", None),
+        encryption_key=t.string("encryption_key", None),
         request_timeout_seconds=t.seconds("request_timeout_seconds", 600.0),
-        max_request_body_bytes=t.int("max_request_body_bytes", 32 * 1024 * 1024, minimum=1024),
+        max_request_body_bytes=t.integer("max_request_body_bytes", 32 * 1024 * 1024, minimum=1024),
         source=source,
         warnings=tuple(warnings),
     )
     t.finish()
     return config
-

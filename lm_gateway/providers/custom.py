@@ -50,10 +50,8 @@ def wrap_custom(name: str, obj: object) -> Connection:
     """
     if is_connection_object(obj):
         if not isinstance(getattr(obj, "name", None), str):
-            try:
+            with contextlib.suppress(AttributeError):
                 obj.name = name  # type: ignore[attr-defined]
-            except AttributeError:
-                pass
         return obj  # type: ignore[return-value]
     if callable(obj):
         return CallableConnection(name, obj)
@@ -132,7 +130,8 @@ class CallableConnection:
                 result = await self._call(messages, params)
         except trio.TooSlowError as exc:
             raise UpstreamError(
-                f"The connection {self.name!r} did not answer in time.", status=504,
+                f"The connection {self.name!r} did not answer in time.",
+                status=504,
                 connection=self.name,
             ) from exc
         except Exception as exc:
@@ -263,4 +262,3 @@ class CallableStream:
         if self.scope is not None:
             self.scope.cancel()
         self._receive.close()
-

@@ -90,8 +90,8 @@ def upstream_status_error(
         return UpstreamError(
             message or f"The upstream provider rejected the request (HTTP {status}).",
             status=status,
-            error_type=error_type or ("rate_limit_error" if status == 429 else
-                                      "invalid_request_error"),
+            error_type=error_type
+            or ("rate_limit_error" if status == 429 else "invalid_request_error"),
             code=code,
             param=param,
             headers=headers,
@@ -109,9 +109,7 @@ def upstream_status_error(
     )
 
 
-def translate_transport_error(
-    exc: BaseException, connection: str, *, during: str
-) -> UpstreamError:
+def translate_transport_error(exc: BaseException, connection: str, *, during: str) -> UpstreamError:
     """Map an httpx or trio timeout exception to our error, for ``raise ... from exc``."""
     where = f"connection {connection!r}"
     if isinstance(exc, trio.TooSlowError):
@@ -209,7 +207,9 @@ class OpenAIProvider:
                     self._chat_url, content=content, headers=call.headers or None
                 )
         except (httpx2.HTTPError, trio.TooSlowError) as exc:
-            raise translate_transport_error(exc, self.name, during="waiting for the answer") from exc
+            raise translate_transport_error(
+                exc, self.name, during="waiting for the answer"
+            ) from exc
         if response.status_code >= 300:
             raise upstream_status_error(
                 self.name,
@@ -221,7 +221,8 @@ class OpenAIProvider:
             body = orjson.loads(response.content)
         except orjson.JSONDecodeError as exc:
             raise UpstreamProtocolError(
-                f"The upstream provider sent an answer that is not JSON (connection {self.name!r}).",
+                f"The upstream provider sent an answer that is not JSON "
+                f"(connection {self.name!r}).",
                 detail=f"{exc}; body starts {response.content[:200]!r}",
                 connection=self.name,
             ) from exc
@@ -331,9 +332,7 @@ class OpenAIChatStream:
             except StopAsyncIteration:
                 return self._end(self._decoder.close())
             except (httpx2.HTTPError, trio.TooSlowError) as exc:
-                raise translate_transport_error(
-                    exc, self._connection, during="streaming"
-                ) from exc
+                raise translate_transport_error(exc, self._connection, during="streaming") from exc
             chunks = self._decode(self._decoder.feed(data))
             if chunks or self._done:
                 return chunks
@@ -404,4 +403,3 @@ def _stream_error(connection: str, chunk: JSONObject) -> UpstreamError:
         detail=str(info.get("message", "")),
         connection=connection,
     )
-

@@ -3,5 +3,11 @@
 from .app import GatewayApp, as_gateway, blueprint, create_app, install_request_scope
 from .lazy import LazyApp
 
-__all__ = ["GatewayApp", "LazyApp", "as_gateway", "blueprint", "create_app",
-           "install_request_scope"]
+__all__ = [
+    "GatewayApp",
+    "LazyApp",
+    "as_gateway",
+    "blueprint",
+    "create_app",
+    "install_request_scope",
+]

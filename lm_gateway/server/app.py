@@ -20,6 +20,7 @@ from typing import Any, cast
 
 import attrs
 import orjson
+from hypercorn.typing import HTTPScope
 from quart import Blueprint, Quart, Response, current_app, request
 from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
@@ -38,11 +39,11 @@ SCOPE_KEY = "lm_gateway.request_scope"
 class RequestScopeMixin:
     """Mixin for Quart-Trio's ASGI HTTP connection class; see the module docstring."""
 
-    scope: dict[str, Any]
+    scope: HTTPScope
 
     async def __call__(self, receive: Any, send: Any) -> None:
         async with open_request_scope() as request_scope:
-            self.scope[SCOPE_KEY] = request_scope
+            cast(dict[str, Any], self.scope)[SCOPE_KEY] = request_scope
             await super().__call__(receive, send)  # type: ignore[misc]
 
 
@@ -118,7 +119,7 @@ def blueprint(
     debug = gateway.debug
     max_body = gateway.config.max_request_body_bytes
 
-    bp.record_once(lambda state: install_request_scope(state.app))
+    bp.record_once(lambda state: install_request_scope(cast(Quart, state.app)))
 
     @bp.before_app_serving
     async def _start() -> None:
@@ -132,12 +133,10 @@ def blueprint(
         await gateway.aclose()
 
     async def incoming() -> IncomingRequest:
-        scope = request.scope
+        scope = cast(dict[str, Any], request.scope)
         client = scope.get("client")
         if request.content_length is not None and request.content_length > max_body:
-            raise RequestTooLarge(
-                f"The request body is larger than the limit of {max_body} bytes."
-            )
+            raise RequestTooLarge(f"The request body is larger than the limit of {max_body} bytes.")
         try:
             body = await request.get_data(cache=False)
         except RequestEntityTooLarge as exc:
@@ -197,7 +196,7 @@ def blueprint(
 class GatewayApp(QuartTrio):
     """The QuartTrio app :func:`create_app` returns; ``app.gateway`` is its :class:`Gateway`."""
 
-    asgi_http_class = GatewayHTTPConnection  # type: ignore[assignment]
+    asgi_http_class = GatewayHTTPConnection
     gateway: Gateway
 
 
@@ -251,11 +250,14 @@ def create_app(config: ConfigSource = None, *, debug: bool | None = None) -> Gat
     async def _http_error(error: HTTPException) -> Response:
         status = error.code or 500
         if status == 404:
-            gw_error: GatewayError = NotFound(f"Unknown request URL: {request.method} "
-                                              f"{request.path}.", code="unknown_url")
+            gw_error: GatewayError = NotFound(
+                f"Unknown request URL: {request.method} {request.path}.", code="unknown_url"
+            )
         elif status == 405:
-            gw_error = NotFound(f"The method {request.method} is not allowed for {request.path}.",
-                                code="method_not_allowed")
+            gw_error = NotFound(
+                f"The method {request.method} is not allowed for {request.path}.",
+                code="method_not_allowed",
+            )
         elif status == 413:
             gw_error = RequestTooLarge("The request body is too large.")
         else:
@@ -268,8 +270,10 @@ def create_app(config: ConfigSource = None, *, debug: bool | None = None) -> Gat
     async def _crash(error: Exception) -> Response:
         log.exception("unhandled error", exc_info=error)
         return _error_response(
-            InternalError("The gateway failed to process the request.",
-                          detail=f"{type(error).__name__}: {error}"),
+            InternalError(
+                "The gateway failed to process the request.",
+                detail=f"{type(error).__name__}: {error}",
+            ),
             debug,
         )
 

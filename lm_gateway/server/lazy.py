@@ -109,15 +109,23 @@ async def _plain_error(send: Any, message: str) -> None:
     import orjson
 
     body = orjson.dumps(
-        {"error": {"message": message, "type": "server_error", "param": None,
-                   "code": "wrong_worker"}}
+        {
+            "error": {
+                "message": message,
+                "type": "server_error",
+                "param": None,
+                "code": "wrong_worker",
+            }
+        }
     )
     await send(
         {
             "type": "http.response.start",
             "status": 500,
-            "headers": [(b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": body})

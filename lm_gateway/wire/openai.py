@@ -99,21 +99,26 @@ def validate_chat_request(data: Mapping[str, Any]) -> None:
     """
     model = data.get("model")
     if model is None:
-        raise InvalidRequest("Missing required parameter: 'model'.", param="model",
-                             code="missing_required_parameter")
+        raise InvalidRequest(
+            "Missing required parameter: 'model'.", param="model", code="missing_required_parameter"
+        )
     if not isinstance(model, str):
         raise _type_error("model", "a string", model)
     if not model.strip():
         raise InvalidRequest("'model' must not be empty.", param="model", code="invalid_value")
     messages = data.get("messages")
     if messages is None:
-        raise InvalidRequest("Missing required parameter: 'messages'.", param="messages",
-                             code="missing_required_parameter")
+        raise InvalidRequest(
+            "Missing required parameter: 'messages'.",
+            param="messages",
+            code="missing_required_parameter",
+        )
     if not isinstance(messages, list):
         raise _type_error("messages", "an array", messages)
     if not messages:
-        raise InvalidRequest("'messages' must contain at least one message.", param="messages",
-                             code="invalid_value")
+        raise InvalidRequest(
+            "'messages' must contain at least one message.", param="messages", code="invalid_value"
+        )
     for i, message in enumerate(messages):
         _validate_message(message, f"messages[{i}]")
     for field, (types, expected) in _FIELD_TYPES.items():
@@ -143,8 +148,11 @@ def _validate_message(message: Any, param: str) -> None:
         raise _type_error(param, "an object", message)
     role = message.get("role")
     if role is None:
-        raise InvalidRequest(f"Missing required parameter: '{param}.role'.", param=f"{param}.role",
-                             code="missing_required_parameter")
+        raise InvalidRequest(
+            f"Missing required parameter: '{param}.role'.",
+            param=f"{param}.role",
+            code="missing_required_parameter",
+        )
     if not isinstance(role, str) or not role:
         raise _type_error(f"{param}.role", "a non-empty string", role)
     content = message.get("content")
@@ -172,8 +180,10 @@ def message_text(message: Mapping[str, Any]) -> str:
         return content
     if isinstance(content, list):
         return "".join(
-            part.get("text", "") for part in content
-            if isinstance(part, dict) and part.get("type") == "text"
+            part.get("text", "")
+            for part in content
+            if isinstance(part, dict)
+            and part.get("type") == "text"
             and isinstance(part.get("text"), str)
         )
     return ""
