@@ -12,6 +12,7 @@ Error translation happens here, once: httpx exceptions and upstream error status
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -334,9 +335,23 @@ class OpenAIChatStream:
             except (httpx2.HTTPError, trio.TooSlowError) as exc:
                 raise translate_transport_error(exc, self._connection, during="streaming") from exc
             chunks = self._decode(self._decoder.feed(data))
-            if chunks or self._done:
+            if self._done:
+                # The end of the chunked body normally arrives with [DONE]; consuming it now,
+                # before the client sees [DONE] and sends its next request, returns the
+                # connection to the pool in time for that request.
+                await self._drain(0.05)
+                return chunks
+            if chunks:
                 return chunks
         return []
+
+    async def _drain(self, seconds: float) -> None:
+        """Read what is left of the body (after [DONE]) for at most ``seconds``."""
+        if self._response.is_closed:  # (is_stream_consumed is set when reading *starts*)
+            return
+        with trio.move_on_after(seconds), contextlib.suppress(httpx2.HTTPError):
+            async for _ in self._bytes:
+                pass
 
     def _end(self, tail: list[Any]) -> list[JSONObject]:
         chunks = self._decode(tail)
@@ -386,6 +401,10 @@ class OpenAIChatStream:
         if self._closed:
             return
         self._closed = True
+        if self._done:
+            # Only the end of the chunked body can be left; reading it lets the pool keep the
+            # connection. A server that holds the body open after [DONE] gets it closed.
+            await self._drain(0.5)
         await self._response.aclose()
 
 
