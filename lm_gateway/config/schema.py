@@ -202,8 +202,9 @@ def parse_bool_word(value: str) -> bool | None:
     return _BOOL_WORDS.get(value.strip().lower())
 
 
-def _extension(value: Any, path: str, *, what: str) -> ExtensionRef:
-    """A dotted path string, a ``{class = ..., **params}`` table, or a live callable/object."""
+def _extension(value: Any, path: str, *, what: str, any_object: bool = False) -> ExtensionRef:
+    """A dotted path string, a ``{class = ..., **params}`` table, or a live callable (or, with
+    ``any_object``, any live object: a connection may be an object speaking our protocol)."""
     if isinstance(value, str):
         name = value.strip()
         if not name:
@@ -226,7 +227,9 @@ def _extension(value: Any, path: str, *, what: str) -> ExtensionRef:
         if callable(target):
             return ExtensionRef(config_path=path, obj=target, params=params, instantiate=True)
         raise ConfigError(f"expected a dotted path or a class, got {_type_name(target)}", path)
-    if callable(value):
+    if callable(value) or (
+        any_object and value is not None and not isinstance(value, bool | int | float | list)
+    ):
         return ExtensionRef(config_path=path, obj=value)
     raise ConfigError(
         f"expected a dotted path, a table with 'class', or a callable; got {_type_name(value)}",
@@ -261,7 +264,7 @@ def _connection(name: str, value: Any, path: str, warnings: list[str]) -> Connec
             path,
         )
     if not isinstance(value, Mapping) or "class" in value:
-        ref = _extension(value, path, what="connection")
+        ref = _extension(value, path, what="connection", any_object=True)
         return CustomConnection(name=name, ref=ref)
 
     t = _Table(value, path)
