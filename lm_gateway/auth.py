@@ -71,18 +71,23 @@ class ConfigKeyCheck:
     """The default check: is the key listed in some group's ``api_keys``?"""
 
     def __init__(self, groups: Mapping[str, Group]) -> None:
-        self._by_digest: dict[str, tuple[str, KeyCheckResult]] = {}
+        # Buckets keyed by a 64-bit prefix of the digest; the full digest is then compared in
+        # constant time. What timing can reveal is at most whether a prefix of a *digest*
+        # exists, which does not help anyone find a key.
+        self._buckets: dict[str, list[tuple[str, KeyCheckResult]]] = {}
         for group in groups.values():
             for digest in group.api_key_digests:
-                self._by_digest[digest] = (digest, KeyCheckResult(group=group.name))
+                self._buckets.setdefault(digest[:16], []).append(
+                    (digest, KeyCheckResult(group=group.name))
+                )
 
     def __call__(self, api_key: str) -> KeyCheckResult | None:
         digest = key_digest(api_key)
-        entry = self._by_digest.get(digest)
-        # The final equality check is constant-time whatever the lookup did.
-        if entry is None or not hmac.compare_digest(entry[0], digest):
-            return None
-        return entry[1]
+        found = None
+        for stored, result in self._buckets.get(digest[:16], ()):
+            if hmac.compare_digest(stored, digest):
+                found = result
+        return found
 
 
 class AllowAll:
@@ -117,7 +122,7 @@ def normalize_check_result(result: Any, where: str) -> KeyCheckResult | None:
     """
     if isinstance(result, KeyCheckResult):
         return result
-    if result is None or result is False or result == "":
+    if not result:  # None, False, "", 0, empty containers: "not a valid key"
         return None
     if isinstance(result, str):
         return KeyCheckResult(group=result)

@@ -300,7 +300,21 @@ def _serve_single(app: Any, hc: Any) -> int:
         trio.run(main)
     except OSError as exc:
         raise RuntimeFailure(f"cannot serve on {', '.join(hc.bind)}: {exc}") from exc
+    except BaseExceptionGroup as group:
+        # Hypercorn binds inside its nursery, so a taken port arrives wrapped in a group.
+        failed = group.subgroup(OSError)
+        if failed is None:
+            raise
+        first = _first_leaf(failed)
+        raise RuntimeFailure(f"cannot serve on {', '.join(hc.bind)}: {first}") from group
     return 0
+
+
+def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _serve_workers(hc: Any, config_path: Path | None, debug: bool) -> int:

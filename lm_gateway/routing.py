@@ -114,12 +114,17 @@ def covers(earlier: str, later: str) -> bool:
     """Whether every name matching glob ``later`` also matches glob ``earlier`` (sufficient test).
 
     If ``later`` is a plain name, this is exact. If ``earlier`` uses only literal characters and
-    ``*``, matching ``later``'s text against it is sound: ``earlier``'s literals can only align
-    with ``later``'s literals, and its ``*`` can absorb whatever ``later``'s wildcards expand to.
+    ``*``, and ``later`` only literals, ``*`` and ``?``, matching ``later``'s text against
+    ``earlier`` is sound: ``earlier``'s literals can only align with ``later``'s literals (they
+    are never ``*`` or ``?``), and its ``*`` can absorb whatever ``later``'s wildcards expand
+    to. A ``[...]`` class in ``later`` breaks that (its ``]`` or ``!`` could align with
+    ``earlier``'s literals), so then only identical patterns or an all-``*`` ``earlier`` count.
     """
     if not is_pattern(later):
         return fnmatch.fnmatchcase(later, earlier)
-    if "?" in earlier or "[" in earlier:
+    if earlier and set(earlier) == {"*"}:
+        return True
+    if "?" in earlier or "[" in earlier or "[" in later:
         return earlier == later
     return fnmatch.fnmatchcase(later, earlier)
 

@@ -224,6 +224,12 @@ class Gateway:
             getattr(check, "__call__", None)  # noqa: B004 - instances with async __call__
         )
         inline = isinstance(check, AllowAll | ConfigKeyCheck)
+        if isinstance(check, AllowAll) and check.group not in config.groups:
+            raise ConfigError(
+                f"AllowAll puts every caller in group {check.group!r}, which is not defined in "
+                f"groups (defined: {', '.join(sorted(config.groups)) or 'none'})",
+                config.api_key_check.config_path,
+            )
         return check, is_async, inline
 
     def _new_record(self, request: IncomingRequest, endpoint: str) -> RequestRecord:

@@ -11,6 +11,7 @@ define ``config`` as a dict; its values may be live objects (a connection callab
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import runpy
@@ -71,7 +72,9 @@ def _parse_toml(text: str, path: Path) -> Mapping[str, Any]:
 
     try:
         doc = tomlkit.parse(text)
-    except tomlkit.exceptions.ParseError as exc:
+    except tomlkit.exceptions.TOMLKitError as exc:
+        # ParseError carries the line and column; KeyAlreadyPresent (a key given twice in a
+        # table) does not, but names the key.
         raise ConfigError(f"{path}: TOML syntax error: {exc}") from exc
     return doc.unwrap()
 
@@ -80,7 +83,7 @@ def _parse_yaml(text: str, path: Path) -> Mapping[str, Any]:
     import yaml
 
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_unique_key_loader())  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -89,9 +92,46 @@ def _parse_yaml(text: str, path: Path) -> Mapping[str, Any]:
     return _top_table(data, path)
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+@functools.cache
+def _unique_key_loader() -> Any:
+    """A yaml SafeLoader that rejects a key given twice in one mapping."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} appears twice", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def _parse_json(text: str, path: Path) -> Mapping[str, Any]:
+    # Duplicate keys are an error, not "last one wins": a routing rule given twice would
+    # otherwise silently change which rule matches.
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}: the key {exc.args[0]!r} appears twice in one object") from exc
     except json.JSONDecodeError as exc:
         raise ConfigError(
             f"{path}: JSON syntax error at line {exc.lineno}, column {exc.colno}: {exc.msg}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import math
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any, NoReturn, TypeVar, cast
@@ -51,7 +52,9 @@ def join_path(base: str, key: str | int) -> str:
     """``connections`` + ``openai`` -> ``connections.openai``; odd keys are quoted, ints indexed."""
     if isinstance(key, int):
         return f"{base}[{key}]"
-    part = key if _IDENTIFIER.match(key) else '"' + key.replace('"', '\\"') + '"'
+    if not _IDENTIFIER.match(key):
+        key = '"' + key.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    part = key
     return f"{base}.{part}" if base else part
 
 
@@ -72,7 +75,7 @@ def resolve_env_refs(value: Any, environ: Mapping[str, str], path: str = "") -> 
                 )
             return environ[name]
         return value
-    if isinstance(value, Mapping):
+    if isinstance(value, dict):
         return {k: resolve_env_refs(v, environ, join_path(path, str(k))) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [resolve_env_refs(v, environ, join_path(path, i)) for i, v in enumerate(value)]
@@ -158,6 +161,8 @@ class _Table:
                 self.fail(key, f"expected a number of seconds, got {value!r}")
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.fail(key, f"expected a number of seconds, got {_type_name(value)}")
+        if not math.isfinite(value):
+            self.fail(key, f"expected a finite number of seconds, got {value}")
         if value < 0 or (positive and value == 0):
             self.fail(key, f"must be {'positive' if positive else 'zero or more'}, got {value}")
         return float(value)
@@ -246,7 +251,7 @@ def _reject_not_supported(name: str, path: str) -> None:
 def _fail_later_feature(table: _Table, key: str, reason: str) -> None:
     """Parse a key owned by later work: absent or empty is fine, anything else is an error."""
     value = table.raw(key)
-    if value in (None, [], {}, False):
+    if value is None or value is False or (isinstance(value, list | dict) and not value):
         return
     if isinstance(value, list):
         for i, item in enumerate(value):
@@ -289,8 +294,8 @@ def _connection(name: str, value: Any, path: str, warnings: list[str]) -> Connec
             "api_type", f"unknown api_type {api_type_value!r}; supported: {', '.join(supported)}"
         )
 
-    api_base = t.string("api_base", None) or t.string("openai_api_base", None)
-    api_key = t.string("api_key", None) or t.string("openai_api_key", None)
+    api_base = _one_of(t, "api_base", "openai_api_base")
+    api_key = _one_of(t, "api_key", "openai_api_key")
     headers = t.str_map("http_headers")
     request_timeout = t.seconds("request_timeout_seconds", None)
     # lm-proxy passed init_params to the SDK client; the meaningful ones map onto our keys.
@@ -301,8 +306,8 @@ def _connection(name: str, value: Any, path: str, warnings: list[str]) -> Connec
     if retries:
         init.fail("max_retries", "upstream retries are not supported yet (set 0 or remove it)")
     headers.update(init.str_map("default_headers"))
-    api_base = init.string("base_url", None) or api_base
-    api_key = init.string("api_key", None) or api_key
+    api_base = _one_of(init, "base_url") or api_base
+    api_key = _one_of(init, "api_key") or api_key
     init.finish()
 
     if api_base is None:
@@ -310,8 +315,6 @@ def _connection(name: str, value: Any, path: str, warnings: list[str]) -> Connec
     api_base = api_base.strip().rstrip("/")
     if not api_base.startswith(("http://", "https://")):
         t.fail("api_base", f"must be an http:// or https:// URL, got {api_base!r}")
-    if api_key is not None and not api_key.strip():
-        t.fail("api_key", "is empty (an env: variable set to an empty string?)")
 
     default_args = dict(t.table("default_args"))
     for forbidden in ("model", "messages", "stream"):
@@ -356,6 +359,20 @@ def _connection(name: str, value: Any, path: str, warnings: list[str]) -> Connec
     )
     t.finish()
     return conn
+
+
+def _one_of(t: _Table, *keys: str) -> str | None:
+    """The value of whichever of ``keys`` (aliases) is set; setting two, or an empty string,
+    is an error naming the key."""
+    found = [k for k in keys if t.raw(k) is not None]  # raw() also marks them as known keys
+    if len(found) > 1:
+        t.fail(found[1], f"{found[0]!r} is already set (they are the same setting)")
+    if not found:
+        return None
+    value = t.string(found[0], None)
+    if value is not None and not value.strip():
+        t.fail(found[0], "is empty (an env: variable set to an empty string?)")
+    return value
 
 
 def _routing(value: Any, connections: Mapping[str, ConnectionConfig]) -> tuple[RouteRule, ...]:
@@ -403,7 +420,9 @@ def _key_digest(key: Any, path: str) -> str:
             "without a key in",
             path,
         )
-    match = _SHA256_KEY.match(key.strip())
+    # Presented keys are stripped (extract_api_key), so configured ones must be too.
+    key = key.strip()
+    match = _SHA256_KEY.match(key)
     if match:
         return match.group(1).lower()
     return hashlib.sha256(key.encode()).hexdigest()
@@ -523,10 +542,12 @@ def build_config(
     Raises:
         ConfigError: the first problem found, with its dotted key path.
     """
-    data = resolve_env_refs(data, environ)
+    data = resolve_env_refs(dict(data), environ)
     t = _Table(data, "")
     warnings: list[str] = []
 
+    if t.raw("connections") is None:
+        raise ConfigError("required: at least one connection", "connections")
     conn_table = _Table(t.raw("connections"), "connections")
     if not conn_table.data:
         raise ConfigError("at least one connection is required", "connections")
@@ -545,7 +566,9 @@ def build_config(
     key_check: ExtensionRef | None = None
     if key_check_raw is not None:
         key_check = _extension(key_check_raw, "api_key_check", what="api_key_check")
-        if key_check.import_path == BUILTIN_CONFIG_KEY_CHECK and not key_check.params:
+        if key_check.import_path == BUILTIN_CONFIG_KEY_CHECK:
+            if key_check.params:
+                raise ConfigError("the in-config key check takes no parameters", "api_key_check")
             key_check = None
     groups = _groups(t.raw("groups"), connections, keys_required=key_check is None)
 

@@ -90,9 +90,15 @@ class RecordSink:
     Args:
         capacity: records held while the drainer is behind; beyond it records are dropped
             (counted in ``dropped``), never buffered without bound.
+        flush_seconds: how long a batch collects records before delivery.
+        batch_size: the most records delivered in one worker-thread call.
     """
 
-    def __init__(self, capacity: int = 10_000) -> None:
+    def __init__(
+        self, capacity: int = 10_000, *, flush_seconds: float = 0.05, batch_size: int = 512
+    ) -> None:
+        self.flush_seconds = flush_seconds
+        self.batch_size = batch_size
         self._send, self._receive = trio.open_memory_channel[RequestRecord](capacity)
         self.listeners: list[Listener] = [_access_log]
         self.dropped = 0
@@ -115,11 +121,13 @@ class RecordSink:
         async with self._receive:
             async for record in self._receive:
                 batch = [record]
-                while len(batch) < 512:
-                    try:
-                        batch.append(self._receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
+                # Collect for a moment: one thread hop per batch instead of per request.
+                with trio.move_on_after(self.flush_seconds):
+                    while len(batch) < self.batch_size:
+                        try:
+                            batch.append(await self._receive.receive())
+                        except trio.EndOfChannel:
+                            break
                 await trio.to_thread.run_sync(self._deliver, batch)
 
     def _deliver(self, batch: list[RequestRecord]) -> None:

@@ -310,6 +310,11 @@ class OpenAIChatStream:
         self._finished_choice = False
         self._closed = False
 
+    @property
+    def saw_done(self) -> bool:
+        """Whether the upstream's ``[DONE]`` has been read."""
+        return self._done
+
     async def read_error_body(self) -> bytes:
         """Read (a bounded amount of) a non-stream answer, e.g. an error body."""
         parts: list[bytes] = []
@@ -326,7 +331,9 @@ class OpenAIChatStream:
         return b"".join(parts)
 
     async def receive(self) -> list[JSONObject]:
-        while not self._done:
+        while True:
+            if self._done:
+                return []
             try:
                 with trio.fail_at(self._deadline):
                     data = await self._bytes.__anext__()
@@ -335,7 +342,7 @@ class OpenAIChatStream:
             except (httpx2.HTTPError, trio.TooSlowError) as exc:
                 raise translate_transport_error(exc, self._connection, during="streaming") from exc
             chunks = self._decode(self._decoder.feed(data))
-            if self._done:
+            if self.saw_done:
                 # The end of the chunked body normally arrives with [DONE]; consuming it now,
                 # before the client sees [DONE] and sends its next request, returns the
                 # connection to the pool in time for that request.
@@ -343,7 +350,6 @@ class OpenAIChatStream:
                 return chunks
             if chunks:
                 return chunks
-        return []
 
     async def _drain(self, seconds: float) -> None:
         """Read what is left of the body (after [DONE]) for at most ``seconds``."""

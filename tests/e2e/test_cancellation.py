@@ -97,19 +97,18 @@ async def test_client_leaving_mid_stream_closes_upstream(
 ) -> None:
     fake.push(Reply.stream_then_stall([chunk("first "), chunk("second ")]))
     with trio.fail_after(GUARD):
-        async with httpx2.AsyncClient() as http:
-            async with http.stream(
-                "POST",
-                f"{gateway.base_url}/chat/completions",
-                headers={"authorization": f"Bearer {KEY}"},
-                json=body(True),
-            ) as response:
-                assert response.status_code == 200
-                received = b""
-                async for data in response.aiter_bytes():
-                    received += data
-                    if b"second" in received:
-                        break  # leave mid-stream: the upstream is now stalled
+        async with httpx2.AsyncClient() as http, http.stream(
+            "POST",
+            f"{gateway.base_url}/chat/completions",
+            headers={"authorization": f"Bearer {KEY}"},
+            json=body(True),
+        ) as response:
+            assert response.status_code == 200
+            received = b""
+            async for data in response.aiter_bytes():
+                received += data
+                if b"second" in received:
+                    break  # leave mid-stream: the upstream is now stalled
         request = fake.requests[0]
         await fake.wait_closed(request)
         record = await gateway.records.wait_for(lambda r: r.outcome == "cancelled")

@@ -157,7 +157,8 @@ async def test_serves_the_embedded_default_without_a_config(tmp_path: Path) -> N
     async with running(argv, tmp_path, clean_env(), f"{base}/health"), httpx2.AsyncClient() as http:
         response = await http.post(
             f"{base}/v1/chat/completions",
-            json={"model": "any", "messages": [{"role": "user", "content": "works out of the box"}]},
+            json={"model": "any",
+                  "messages": [{"role": "user", "content": "works out of the box"}]},
         )
     assert response.json()["choices"][0]["message"]["content"] == "works out of the box"
     assert "embedded default" in (tmp_path / "server.log").read_text()
@@ -296,3 +297,15 @@ def test_hypercorn_with_a_bad_config_fails_with_one_line(tmp_path: Path) -> None
     )
     assert "Traceback" not in result.stderr
     assert "connections.e.api_type: unknown api_type 'nope'" in result.stderr
+
+
+def test_port_in_use_is_one_line_and_exit_code_1(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run(["--port", str(port)], tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"lm-gateway: cannot serve on 127.0.0.1:{port}" in result.stderr
+    assert "Address already in use" in result.stderr

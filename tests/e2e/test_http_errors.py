@@ -320,3 +320,15 @@ async def test_allow_all_accepts_requests_without_a_key(http: httpx2.AsyncClient
         assert with_key.status_code == 200
         record = await gateway.records.wait_for(lambda r: r.api_key_id is not None)
     assert "raw-secret" not in repr(record.to_dict())
+
+
+def test_allow_all_into_an_undefined_group_fails_at_startup() -> None:
+    from lm_gateway import ConfigError, create_app
+
+    config = {
+        "connections": {"echo": {"api_type": "echo"}},
+        "routing": {"*": "echo.*"},
+        "api_key_check": {"class": "AllowAll", "group": "guests"},
+    }
+    with pytest.raises(ConfigError, match="'guests'"):
+        create_app(config)
