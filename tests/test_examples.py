@@ -1,0 +1,25 @@
+"""Every example config loads, validates and builds (no example rots unnoticed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lm_gateway import Gateway, load_config
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+ENV = {"OPENAI_API_KEY": "sk-x", "TEAM_KEY": "team", "INTERN_KEY": "intern", "DEMO_KEY": "demo"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for p in EXAMPLES.iterdir() if p.suffix in {".toml", ".yaml", ".json"}
+           or p.name == "python_config.py"),
+    ids=lambda p: p.name,
+)
+def test_example_config_builds(path: Path) -> None:
+    config = load_config(path, environ=ENV)
+    gateway = Gateway(config)
+    assert gateway.router.rules
+    assert not gateway.warnings()
