@@ -149,6 +149,20 @@ class NotSupported(GatewayError):
     default_code = "unsupported"
 
 
+class HTTPStatusError(GatewayError):
+    """An error the web framework raised (408 request timeout, ...), with its own status."""
+
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, status: int, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self._status = status
+
+    @property
+    def http_status(self) -> int:
+        return self._status
+
+
 class InternalError(GatewayError):
     """A bug in the gateway or a failure in a user extension (500); logged with traceback."""
 
@@ -180,11 +194,14 @@ class UpstreamError(GatewayError):
         headers: Mapping[str, str] | None = None,
         detail: str | None = None,
         connection: str | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(message, code=code, param=param, headers=headers, detail=detail)
         self._status = status if status is not None else type(self).status
         self._type = error_type
         self.connection = connection
+        #: Further fields of the upstream's error object, passed on as they were.
+        self.extra: dict[str, Any] = dict(extra or {})
 
     @property
     def http_status(self) -> int:
@@ -194,6 +211,8 @@ class UpstreamError(GatewayError):
         body = super().to_body(debug=debug)
         if self._type:
             body["error"]["type"] = self._type
+        for key, value in self.extra.items():
+            body["error"].setdefault(key, value)
         return body
 
 

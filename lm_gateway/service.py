@@ -168,14 +168,11 @@ class Gateway:
         )
         self._key_secret = (config.encryption_key or "lm-gateway").encode()
         self.records = RecordSink()
-        self.connections: dict[str, Connection] = {}
-        try:
-            for name, conn_config in config.connections.items():
-                self.connections[name] = build_connection(conn_config)
-        except BaseException:
-            # Pools opened so far own no sockets yet; nothing to release but the objects.
-            self.connections.clear()
-            raise
+        # Building a connection opens no sockets (pools connect on first use), so a failure
+        # half-way leaves nothing to release.
+        self.connections: dict[str, Connection] = {
+            name: build_connection(conn_config) for name, conn_config in config.connections.items()
+        }
         self._model_lists: dict[str, tuple[float, list[dict[str, Any]] | None]] = {}
         self._model_list_locks: dict[str, trio.Lock] = {}
 
@@ -343,15 +340,44 @@ class Gateway:
         await trio.lowlevel.checkpoint()
         return Reply(200, b'{"status":"ok"}', {"x-request-id": request.request_id})
 
-    async def chat_completions(
-        self, request: IncomingRequest, scope: RequestScope
+    async def _serve(
+        self,
+        request: IncomingRequest,
+        endpoint: str,
+        handle: Callable[[RequestRecord, Group], Awaitable[Reply | StreamReply]],
     ) -> Reply | StreamReply:
-        """Serve ``POST {prefix}/chat/completions``. Never raises a GatewayError: those become
-        error replies. Cancellation propagates (after recording the request as cancelled)."""
-        record = self._new_record(request, "chat.completions")
+        """The frame every authenticated endpoint shares: enabled check, authentication, and
+        turning every failure into an OpenAI-shaped reply with a finished record.
+
+        Never raises a GatewayError or other Exception (those become error replies);
+        cancellation propagates after the request is recorded as cancelled.
+        """
+        record = self._new_record(request, endpoint)
         try:
             self._check_enabled()
             group = await self._authenticate(request, record)
+            return await handle(record, group)
+        except GatewayError as error:
+            return self._error_reply(error, record)
+        except trio.Cancelled:
+            self._record_cancelled(record)
+            raise
+        except Exception as exc:
+            log.exception("request %s failed unexpectedly", record.id)
+            return self._error_reply(
+                InternalError(
+                    "The gateway failed to process the request.",
+                    detail=f"{type(exc).__name__}: {exc}",
+                ),
+                record,
+            )
+
+    async def chat_completions(
+        self, request: IncomingRequest, scope: RequestScope
+    ) -> Reply | StreamReply:
+        """Serve ``POST {prefix}/chat/completions`` (see :meth:`_serve` for failures)."""
+
+        async def handle(record: RequestRecord, group: Group) -> Reply | StreamReply:
             data = parse_json_object(request.body)
             validate_chat_request(data)
             stream = bool(data.get("stream"))
@@ -398,51 +424,29 @@ class Gateway:
             scope.add_closer(relay.aclose)
             await relay.prefetch()
             return StreamReply(relay, headers={**SSE_HEADERS, "x-request-id": record.id})
-        except GatewayError as error:
-            return self._error_reply(error, record)
-        except trio.Cancelled:
-            self._record_cancelled(record)
-            raise
-        except Exception as exc:
-            log.exception("request %s failed unexpectedly", record.id)
-            return self._error_reply(
-                InternalError(
-                    "The gateway failed to process the request.",
-                    detail=f"{type(exc).__name__}: {exc}",
-                ),
-                record,
-            )
 
-    async def list_models(self, request: IncomingRequest) -> Reply:
+        return await self._serve(request, "chat.completions", handle)
+
+    async def list_models(self, request: IncomingRequest) -> Reply | StreamReply:
         """Serve ``GET {prefix}/models``: the models the caller's group may use."""
-        record = self._new_record(request, "models.list")
-        try:
-            self._check_enabled()
-            group = await self._authenticate(request, record)
+
+        async def handle(record: RequestRecord, group: Group) -> Reply:
             entries = await self._model_entries(group)
             return self._ok_reply(record, {"object": "list", "data": entries})
-        except GatewayError as error:
-            return self._error_reply(error, record)
-        except trio.Cancelled:
-            self._record_cancelled(record)
-            raise
 
-    async def retrieve_model(self, request: IncomingRequest, model_id: str) -> Reply:
+        return await self._serve(request, "models.list", handle)
+
+    async def retrieve_model(self, request: IncomingRequest, model_id: str) -> Reply | StreamReply:
         """Serve ``GET {prefix}/models/{id}``: 404 unless the caller could use that model."""
-        record = self._new_record(request, "models.retrieve")
-        try:
-            self._check_enabled()
-            group = await self._authenticate(request, record)
+
+        async def handle(record: RequestRecord, group: Group) -> Reply:
             record.model = model_id
             entry = await self._model_entry(group, model_id)
             if entry is None:
                 raise ModelNotFound(f"The model {model_id!r} does not exist.", param="model")
             return self._ok_reply(record, entry)
-        except GatewayError as error:
-            return self._error_reply(error, record)
-        except trio.Cancelled:
-            self._record_cancelled(record)
-            raise
+
+        return await self._serve(request, "models.retrieve", handle)
 
     # -- model listing ---------------------------------------------------------------------------
 
@@ -676,8 +680,3 @@ class SSERelay:
         await close_quietly(self._upstream)
         if not self._ended:
             self._finish("cancelled", 499)
-
-    # For tests and embedding: the final tallies.
-    @property
-    def usage(self) -> dict[str, Any] | None:
-        return self._tally.usage

@@ -1551,3 +1551,10 @@ def test_missing_connections_says_required() -> None:
     err = config_error(data)
     assert err.path == "connections"
     assert "required" in str(err)
+
+
+def test_a_group_without_keys_is_a_warning_when_others_have_keys() -> None:
+    data = minimal()
+    data["groups"]["later"] = {"api_keys": []}
+    config = build(data)
+    assert "groups.later.api_keys: no keys, so no client can use this group" in config.warnings

@@ -454,7 +454,11 @@ def _name_list(value: Any, path: str) -> list[str] | None:
 
 
 def _groups(
-    value: Any, connections: Mapping[str, ConnectionConfig], *, keys_required: bool
+    value: Any,
+    connections: Mapping[str, ConnectionConfig],
+    *,
+    keys_required: bool,
+    warnings: list[str],
 ) -> dict[str, Group]:
     if value is None:
         # lm-proxy's default: one group named "default" that may use every connection.
@@ -503,6 +507,12 @@ def _groups(
             allowed_connections=frozenset(allowed) if allowed is not None else None,
             allowed_models=tuple(models) if models is not None else None,
         )
+    if keys_required and owner_of:
+        for group in groups.values():
+            if not group.api_key_digests:
+                warnings.append(
+                    f"groups.{group.name}.api_keys: no keys, so no client can use this group"
+                )
     if keys_required and not owner_of:
         raise ConfigError(
             "no API keys are configured, so no client could use the gateway: add keys to "
@@ -570,7 +580,9 @@ def build_config(
             if key_check.params:
                 raise ConfigError("the in-config key check takes no parameters", "api_key_check")
             key_check = None
-    groups = _groups(t.raw("groups"), connections, keys_required=key_check is None)
+    groups = _groups(
+        t.raw("groups"), connections, keys_required=key_check is None, warnings=warnings
+    )
 
     mode = t.string("model_listing_mode", "as_is")
     if mode not in ("as_is", "ignore_wildcards", "expand_wildcards"):

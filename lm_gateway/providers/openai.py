@@ -88,6 +88,7 @@ def upstream_status_error(
             connection=connection,
         )
     if 400 <= status < 500:
+        known = {"message", "type", "code", "param"}
         return UpstreamError(
             message or f"The upstream provider rejected the request (HTTP {status}).",
             status=status,
@@ -98,6 +99,7 @@ def upstream_status_error(
             headers=headers,
             detail=None if message else detail,
             connection=connection,
+            extra={k: v for k, v in info.items() if k not in known},
         )
     return UpstreamError(
         f"The upstream provider failed (HTTP {status}) on connection {connection!r}.",

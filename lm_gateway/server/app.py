@@ -27,7 +27,13 @@ from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ..config import Config, build_config, load_config
-from ..errors import GatewayError, InternalError, NotFound, RequestTooLarge
+from ..errors import (
+    GatewayError,
+    HTTPStatusError,
+    InternalError,
+    NotFound,
+    RequestTooLarge,
+)
 from ..service import Gateway, IncomingRequest, Reply, RequestScope, StreamReply, open_request_scope
 
 log = logging.getLogger("lm_gateway")
@@ -67,6 +73,28 @@ def install_request_scope(app: Quart) -> None:
         return
     app.asgi_http_class = type(  # type: ignore[assignment]
         "GatewayHTTPConnection", (RequestScopeMixin, current), {}
+    )
+
+
+def _from_http_exception(error: HTTPException) -> GatewayError:
+    """The gateway error for an exception the framework raised."""
+    status = error.code or 500
+    if status == 404:
+        return NotFound(
+            f"Unknown request URL: {request.method} {request.path}.", code="unknown_url"
+        )
+    if status == 405:
+        return HTTPStatusError(
+            f"The method {request.method} is not allowed for {request.path}.",
+            status=405,
+            code="method_not_allowed",
+        )
+    if status == 413:
+        return RequestTooLarge("The request body is too large.")
+    if status >= 500:
+        return InternalError(error.description or "HTTP error", detail=error.name)
+    return HTTPStatusError(
+        error.description or error.name, status=status, code=error.name.lower().replace(" ", "_")
     )
 
 
@@ -143,6 +171,8 @@ def blueprint(
             raise RequestTooLarge(
                 f"The request body is larger than the limit of {max_body} bytes."
             ) from exc
+        except HTTPException as exc:  # 408 when the body does not arrive in time, ...
+            raise _from_http_exception(exc) from exc
         return IncomingRequest(
             method=scope["method"],
             path=scope["path"],
@@ -248,22 +278,8 @@ def create_app(config: ConfigSource = None, *, debug: bool | None = None) -> Gat
 
     @app.errorhandler(HTTPException)
     async def _http_error(error: HTTPException) -> Response:
-        status = error.code or 500
-        if status == 404:
-            gw_error: GatewayError = NotFound(
-                f"Unknown request URL: {request.method} {request.path}.", code="unknown_url"
-            )
-        elif status == 405:
-            gw_error = NotFound(
-                f"The method {request.method} is not allowed for {request.path}.",
-                code="method_not_allowed",
-            )
-        elif status == 413:
-            gw_error = RequestTooLarge("The request body is too large.")
-        else:
-            gw_error = InternalError(error.description or "HTTP error")
-        response = _error_response(gw_error, debug)
-        response.status_code = status
+        response = _error_response(_from_http_exception(error), debug)
+        response.status_code = error.code or 500
         return response
 
     @app.errorhandler(Exception)

@@ -529,3 +529,35 @@ async def test_keep_alive_to_the_upstream_is_reused(
                 model="gpt-4o", messages=[{"role": "user", "content": "x"}]
             )
     assert [r.connection_id for r in fake.requests] == [1, 1, 1]
+
+
+async def test_upstream_error_fields_beyond_the_four_are_kept(
+    fake: FakeOpenAI, gateway: RunningGateway
+) -> None:
+    body = openai_error("This model's maximum context length is 128000 tokens.",
+                        code="context_length_exceeded", param="messages")
+    body["error"]["limit"] = 128000
+    fake.push(Reply.json(body, status=400))
+    async with httpx2.AsyncClient() as http:
+        response = await http.post(
+            f"{gateway.base_url}/chat/completions",
+            headers={"authorization": f"Bearer {KEY}"},
+            json={"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]},
+        )
+    error = response.json()["error"]
+    assert response.status_code == 400
+    assert error["code"] == "context_length_exceeded"
+    assert error["limit"] == 128000
+
+
+async def test_custom_api_prefix(fake: FakeOpenAI) -> None:
+    async with run_gateway(gateway_config(fake, api_prefix="/api/v2/")) as gateway, \
+            httpx2.AsyncClient() as http:
+        headers = {"authorization": f"Bearer {KEY}"}
+        chat = {"model": "gpt-4o", "messages": [{"role": "user", "content": "prefixed"}]}
+        ok = await http.post(f"{gateway.url}/api/v2/chat/completions", headers=headers, json=chat)
+        old = await http.post(f"{gateway.url}/v1/chat/completions", headers=headers, json=chat)
+        models = await http.get(f"{gateway.url}/api/v2/models", headers=headers)
+    assert ok.json()["choices"][0]["message"]["content"] == "echo: prefixed"
+    assert old.status_code == 404
+    assert models.status_code == 200
