@@ -640,6 +640,14 @@ class SSERelay:
                 batch = await self._upstream.receive()
             except GatewayError as error:
                 return self._fail(error)
+            except Exception as exc:  # a broken custom connection must not kill the response
+                log.exception("request %s: the stream's connection raised", self._record.id)
+                return self._fail(
+                    InternalError(
+                        "The gateway failed while streaming the answer.",
+                        detail=f"{type(exc).__name__}: {exc}",
+                    )
+                )
             if not batch:
                 self._ended = True
                 self._finish("ok", 200)

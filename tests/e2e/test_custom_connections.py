@@ -213,3 +213,44 @@ async def test_python_config_file_with_a_callable(tmp_path: Path) -> None:
             model="m", messages=[{"role": "user", "content": "abc"}]
         )
     assert completion.choices[0].message.content == "cba"
+
+
+class BrokenStream:
+    """A stream that yields one chunk, then fails with a plain exception (a bug)."""
+
+    def __init__(self) -> None:
+        self.sent = False
+
+    async def receive(self) -> list[dict[str, Any]]:
+        await trio.lowlevel.checkpoint()
+        if not self.sent:
+            self.sent = True
+            return [{"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                     "choices": [{"index": 0, "delta": {"content": "so far"},
+                                  "finish_reason": None}]}]
+        raise KeyError("oops")
+
+    async def aclose(self) -> None:
+        pass
+
+
+class BrokenStreamConnection(ProtocolConnection):
+    async def open_chat_stream(self, call: ChatCall) -> Any:
+        return BrokenStream()
+
+
+async def test_a_bug_in_a_stream_ends_it_with_an_error_event_and_an_error_record() -> None:
+    async with run_gateway(config_with(BrokenStreamConnection())) as gateway, \
+            httpx2.AsyncClient() as http:
+        response = await http.post(
+            f"{gateway.base_url}/chat/completions",
+            headers={"authorization": f"Bearer {KEY}"},
+            json={"model": "alias", "stream": True,
+                  "messages": [{"role": "user", "content": "x"}]},
+        )
+        record = await gateway.records.wait_for(lambda r: r.stream)
+    assert response.status_code == 200
+    assert b"so far" in response.content
+    assert b'"code":"internal_error"' in response.content
+    assert b"oops" not in response.content
+    assert record.outcome == "error"
