@@ -180,6 +180,9 @@ def setup_logging(debug: bool) -> None:
     # httpx logs every request at INFO; that is the access log's job.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpx2").setLevel(logging.WARNING)
+    # Hypercorn writes its own log lines to stderr (errorlog "-"); without this they would also
+    # reach the root handler and appear twice.
+    logging.getLogger("hypercorn.error").propagate = False
 
 
 def describe(config: Config, warnings: Sequence[str]) -> str:
