@@ -397,6 +397,7 @@ class Gateway:
                 deadline=trio.current_time() + self.config.request_timeout_seconds,
                 request_id=record.id,
                 nursery=scope.nursery,
+                connections=self.connections,
             )
             if not stream:
                 result = await connection.chat(call)

@@ -9,13 +9,20 @@ import pytest
 from lm_gateway import Gateway, load_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-ENV = {"OPENAI_API_KEY": "sk-x", "TEAM_KEY": "team", "INTERN_KEY": "intern", "DEMO_KEY": "demo"}
+ENV = {
+    "OPENAI_API_KEY": "sk-x",
+    "TEAM_KEY": "team",
+    "INTERN_KEY": "intern",
+    "DEMO_KEY": "demo",
+    "BACKEND_A_URL": "http://127.0.0.1:8001/v1",
+    "BACKEND_B_URL": "http://127.0.0.1:8002/v1",
+}
 
 
 @pytest.mark.parametrize(
     "path",
     sorted(p for p in EXAMPLES.iterdir() if p.suffix in {".toml", ".yaml", ".json"}
-           or p.name == "python_config.py"),
+           or p.name in {"python_config.py", "load_balancer.py"}),
     ids=lambda p: p.name,
 )
 def test_example_config_builds(path: Path) -> None:

@@ -16,6 +16,7 @@ upstream connection open and no task running.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import attrs
@@ -41,6 +42,8 @@ class ChatCall:
         usage_requested_by_gateway: set by a connection that asked its upstream for usage the
             client did not ask for (``stream_options.include_usage``), so the relay strips the
             usage chunk again instead of handing the client something it did not request.
+        connections: every connection of the gateway, by name: a connection made of other
+            connections (a load balancer, a fallback chain) delegates through these.
     """
 
     body: JSONObject
@@ -51,6 +54,7 @@ class ChatCall:
     nursery: trio.Nursery
     headers: dict[str, str] = attrs.field(factory=dict)
     usage_requested_by_gateway: bool = False
+    connections: Mapping[str, Connection] = attrs.field(factory=dict, repr=False)
 
 
 @attrs.define

@@ -254,3 +254,27 @@ async def test_a_bug_in_a_stream_ends_it_with_an_error_event_and_an_error_record
     assert b'"code":"internal_error"' in response.content
     assert b"oops" not in response.content
     assert record.outcome == "error"
+
+
+async def test_load_balancer_example_alternates_backends() -> None:
+    from tests.fakes.openai_upstream import open_fake_openai
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "load_balancer.py"
+    async with open_fake_openai() as a, open_fake_openai() as b:
+        config = load_config(
+            path,
+            environ={"BACKEND_A_URL": a.base_url, "BACKEND_B_URL": b.base_url, "DEMO_KEY": "d"},
+        )
+        async with run_gateway(config) as gateway, openai.AsyncOpenAI(
+            base_url=gateway.base_url, api_key="d", max_retries=0
+        ) as sdk:
+            for _ in range(2):
+                await sdk.chat.completions.create(
+                    model="gpt-4o", messages=[{"role": "user", "content": "x"}]
+                )
+            stream = await sdk.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "y z"}], stream=True
+            )
+            text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text == "echo: y z"
+    assert [len(a.requests), len(b.requests)] == [2, 1]
