@@ -18,6 +18,7 @@ from lm_gateway.providers import ChatCall, ChatResult
 from tests.conftest import run_gateway
 
 KEY = "k"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def config_with(connection: Any) -> dict[str, Any]:
@@ -259,7 +260,7 @@ async def test_a_bug_in_a_stream_ends_it_with_an_error_event_and_an_error_record
 async def test_load_balancer_example_alternates_backends() -> None:
     from tests.fakes.openai_upstream import open_fake_openai
 
-    path = Path(__file__).resolve().parents[2] / "examples" / "load_balancer.py"
+    path = EXAMPLES / "load_balancer.py"
     async with open_fake_openai() as a, open_fake_openai() as b:
         config = load_config(
             path,
