@@ -18,10 +18,6 @@ from lm_gateway import build_config, create_app
 from lm_gateway.observability import RequestRecord
 from lm_gateway.server.app import GatewayApp
 
-#: Where tests talk to the services CI provides. CI sets LM_GATEWAY_REQUIRE_SERVICES=1 so a
-#: missing service fails the run instead of skipping.
-REQUIRE_SERVICES = os.environ.get("LM_GATEWAY_REQUIRE_SERVICES") == "1"
-
 
 class RecordCollector:
     """Collects the gateway's request records (delivered from a worker thread) for assertions."""

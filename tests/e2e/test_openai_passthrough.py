@@ -29,6 +29,23 @@ KEY = "sk-virtual-1"
 PROVIDER_KEY = "sk-provider-secret"
 
 
+async def post_chat(
+    http: httpx2.AsyncClient,
+    gateway: RunningGateway,
+    model: str,
+    *,
+    content: str = "x",
+    stream: bool = False,
+) -> httpx2.Response:
+    """POST a one-message chat request with the test key, as a raw HTTP client would."""
+    return await http.post(
+        f"{gateway.base_url}/chat/completions",
+        headers={"authorization": f"Bearer {KEY}"},
+        json={"model": model, "messages": [{"role": "user", "content": content}],
+              "stream": stream},
+    )
+
+
 def gateway_config(fake: FakeOpenAI, **overrides: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
         "connections": {
@@ -233,12 +250,7 @@ async def test_streaming_n_2_keeps_choices_apart(client: openai.AsyncOpenAI) -> 
 
 async def test_raw_sse_framing_and_headers(gateway: RunningGateway) -> None:
     async with httpx2.AsyncClient() as http:
-        response = await http.post(
-            f"{gateway.base_url}/chat/completions",
-            headers={"authorization": f"Bearer {KEY}"},
-            json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}],
-                  "stream": True},
-        )
+        response = await post_chat(http, gateway, "gpt-4o", content="hi", stream=True)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
     assert response.headers["cache-control"] == "no-cache"
@@ -282,11 +294,7 @@ async def test_upstream_429_keeps_status_and_retry_after(
         )
     )
     async with httpx2.AsyncClient() as http:
-        response = await http.post(
-            f"{gateway.base_url}/chat/completions",
-            headers={"authorization": f"Bearer {KEY}"},
-            json={"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]},
-        )
+        response = await post_chat(http, gateway, "gpt-4o")
     assert response.status_code == 429
     assert response.headers["retry-after"] == "7"
     assert response.headers["x-ratelimit-remaining-requests"] == "0"
@@ -312,11 +320,7 @@ async def test_upstream_500_hides_details_unless_debug(fake: FakeOpenAI) -> None
             fake.push(Reply.json(openai_error("db shard 7 exploded", type="server_error"),
                                  status=500))
             async with httpx2.AsyncClient() as http:
-                response = await http.post(
-                    f"{gateway.base_url}/chat/completions",
-                    headers={"authorization": f"Bearer {KEY}"},
-                    json={"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]},
-                )
+                response = await post_chat(http, gateway, "gpt-4o")
             assert response.status_code == 500
             error = response.json()["error"]
             assert set(error) == {"message", "type", "param", "code"}
@@ -350,12 +354,7 @@ async def test_upstream_unreachable_is_502() -> None:
     }
     async with run_gateway(config) as gateway, httpx2.AsyncClient() as http:
         for stream in (False, True):
-            response = await http.post(
-                f"{gateway.base_url}/chat/completions",
-                headers={"authorization": f"Bearer {KEY}"},
-                json={"model": "m", "messages": [{"role": "user", "content": "x"}],
-                      "stream": stream},
-            )
+            response = await post_chat(http, gateway, "m", stream=stream)
             assert response.status_code == 502
             assert response.json()["error"]["code"] == "upstream_unreachable"
 
@@ -366,12 +365,7 @@ async def test_upstream_timeout_is_504(fake: FakeOpenAI) -> None:
     async with run_gateway(config) as gateway, httpx2.AsyncClient() as http:
         for stream in (False, True):
             fake.push(Reply.stall())
-            response = await http.post(
-                f"{gateway.base_url}/chat/completions",
-                headers={"authorization": f"Bearer {KEY}"},
-                json={"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}],
-                      "stream": stream},
-            )
+            response = await post_chat(http, gateway, "gpt-4o", stream=stream)
             assert response.status_code == 504
             assert response.json()["error"]["code"] == "upstream_timeout"
 
@@ -380,22 +374,14 @@ async def test_request_deadline_is_504(fake: FakeOpenAI) -> None:
     config = gateway_config(fake, request_timeout_seconds=0.3)
     async with run_gateway(config) as gateway, httpx2.AsyncClient() as http:
         fake.push(Reply.stall())
-        response = await http.post(
-            f"{gateway.base_url}/chat/completions",
-            headers={"authorization": f"Bearer {KEY}"},
-            json={"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]},
-        )
+        response = await post_chat(http, gateway, "gpt-4o")
     assert response.status_code == 504
 
 
 async def test_upstream_malformed_json_is_502(fake: FakeOpenAI, gateway: RunningGateway) -> None:
     fake.push(Reply.raw(b'{"choices": [', status=200))
     async with httpx2.AsyncClient() as http:
-        response = await http.post(
-            f"{gateway.base_url}/chat/completions",
-            headers={"authorization": f"Bearer {KEY}"},
-            json={"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]},
-        )
+        response = await post_chat(http, gateway, "gpt-4o")
     assert response.status_code == 502
     assert response.json()["error"]["code"] == "upstream_invalid_response"
 
@@ -448,12 +434,7 @@ async def test_malformed_chunk_midstream_ends_with_an_error_event(
     fake.push(Reply.sse([_chunk("ok "), b"data: {not json\n\n", _chunk("never", "stop"),
                          SSE_DONE]))
     async with httpx2.AsyncClient() as http:
-        response = await http.post(
-            f"{gateway.base_url}/chat/completions",
-            headers={"authorization": f"Bearer {KEY}"},
-            json={"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}],
-                  "stream": True},
-        )
+        response = await post_chat(http, gateway, "gpt-4o", stream=True)
     assert response.status_code == 200
     events = [e for e in response.content.split(b"\n\n") if e]
     assert orjson.loads(events[0][6:])["choices"][0]["delta"]["content"] == "ok "
@@ -468,12 +449,7 @@ async def test_upstream_error_event_in_a_stream_is_relayed_as_an_error(
     fake.push(Reply.sse([_chunk("a"), sse_event({"error": {"message": "provider fell over",
                                                            "code": 502}})]))
     async with httpx2.AsyncClient() as http:
-        response = await http.post(
-            f"{gateway.base_url}/chat/completions",
-            headers={"authorization": f"Bearer {KEY}"},
-            json={"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}],
-                  "stream": True},
-        )
+        response = await post_chat(http, gateway, "gpt-4o", stream=True)
     last = orjson.loads([e for e in response.content.split(b"\n\n") if e][-1][6:])
     assert "error" in last
     assert b"[DONE]" not in response.content
@@ -539,11 +515,7 @@ async def test_upstream_error_fields_beyond_the_four_are_kept(
     body["error"]["limit"] = 128000
     fake.push(Reply.json(body, status=400))
     async with httpx2.AsyncClient() as http:
-        response = await http.post(
-            f"{gateway.base_url}/chat/completions",
-            headers={"authorization": f"Bearer {KEY}"},
-            json={"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]},
-        )
+        response = await post_chat(http, gateway, "gpt-4o")
     error = response.json()["error"]
     assert response.status_code == 400
     assert error["code"] == "context_length_exceeded"
