@@ -42,7 +42,7 @@ import json as stdlib_json
 import logging
 import re
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import attrs
 import h11
@@ -912,9 +912,21 @@ async def open_fake_openai(*, models: list[str] | None = None) -> AsyncIterator[
     cancelled: the listener stops and every connection, stalled or not, is closed (those
     count as closed by the server), before the ``async with`` statement completes.
     """
+    async with serve_fake(lambda port: FakeOpenAI(port=port, models=models)) as fake:
+        yield fake
+
+
+_F = TypeVar("_F", bound="FakeOpenAI")
+
+
+@contextlib.asynccontextmanager
+async def serve_fake(factory: Callable[[int], _F]) -> AsyncIterator[_F]:
+    """Run any fake built on :class:`FakeOpenAI`'s server (a subclass speaking another
+    provider's wire format overrides :meth:`FakeOpenAI.default_reply`); ``factory`` gets the
+    port and returns the fake."""
     listeners = await trio.open_tcp_listeners(0, host=HOST)
     port = int(listeners[0].socket.getsockname()[1])
-    fake = FakeOpenAI(port=port, models=models)
+    fake = factory(port)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(trio.serve_listeners, fake._handle_connection, listeners)
         try:
