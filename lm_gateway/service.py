@@ -59,6 +59,7 @@ from .errors import (
 )
 from .observability import Outcome, RecordSink, RequestRecord
 from .providers import ChatCall, ChatStream, Connection, build_connection, close_quietly
+from .providers.fanout import fan_out_chat, fan_out_stream, has_native_n
 from .routing import Route, Router, allowed_model, is_pattern
 from .wire.openai import StreamTally, parse_json_object, validate_chat_request, wants_stream_usage
 from .wire.sse import DONE_EVENT
@@ -399,8 +400,13 @@ class Gateway:
                 nursery=scope.nursery,
                 connections=self.connections,
             )
+            n = data.get("n") or 1
+            fan_out = n > 1 and not has_native_n(connection)
             if not stream:
-                result = await connection.chat(call)
+                if fan_out:
+                    result = await fan_out_chat(connection, call, n)
+                else:
+                    result = await connection.chat(call)
                 record.mark_first_chunk()
                 body = result.body
                 body["model"] = model
@@ -414,7 +420,10 @@ class Gateway:
                 reply = self._ok_reply(record, body)
                 reply.headers.update(result.headers)
                 return reply
-            upstream = await connection.open_chat_stream(call)
+            if fan_out:
+                upstream = await fan_out_stream(connection, call, n)
+            else:
+                upstream = await connection.open_chat_stream(call)
             relay = SSERelay(
                 self,
                 upstream,

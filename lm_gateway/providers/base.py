@@ -84,7 +84,12 @@ class ChatStream(Protocol):
 
 @runtime_checkable
 class Connection(Protocol):
-    """What the gateway needs from a connection. Users may implement it directly."""
+    """What the gateway needs from a connection. Users may implement it directly.
+
+    A connection that can only produce one choice per call sets ``native_n = False``; the
+    gateway then serves ``n > 1`` by running n calls concurrently
+    (:mod:`lm_gateway.providers.fanout`).
+    """
 
     name: str
 

@@ -100,6 +100,9 @@ def _completion(result: Any, model: str) -> JSONObject:
 class CallableConnection:
     """An lm-proxy-style ``fn(messages, **params)`` as a connection."""
 
+    #: One answer per call: the gateway fans ``n > 1`` out into n calls.
+    native_n = False
+
     def __init__(self, name: str, fn: Callable[..., Any]) -> None:
         self.name = name
         self._fn = fn
