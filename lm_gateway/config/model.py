@@ -32,16 +32,14 @@ class ExtensionRef:
 
 
 @attrs.frozen
-class OpenAIConnection:
-    """An OpenAI-compatible HTTP upstream (OpenAI, vLLM, Ollama, llama.cpp, OpenRouter, Groq…)."""
+class HTTPConnection:
+    """What every HTTP upstream connection has: where it is, its key, and transport settings."""
 
     name: str
     api_base: str
     api_key: str | None = attrs.field(default=None, repr=False)
     #: Static headers sent with every upstream request (may hold secrets, hence no repr).
     http_headers: Mapping[str, str] = attrs.field(factory=dict, repr=False)
-    #: Request fields applied when the client does not send them (lm-proxy ``default_args``).
-    default_args: Mapping[str, Any] = attrs.field(factory=dict)
     connect_timeout_seconds: float = 10.0
     #: Longest silence allowed between two bytes of the upstream's answer.
     read_timeout_seconds: float = 600.0
@@ -54,11 +52,19 @@ class OpenAIConnection:
     http2: bool = False
     #: True (system trust store), False (no verification; for lab setups), or a CA bundle path.
     verify_ssl: bool | str = True
+    api_type: str = "openai"
+
+
+@attrs.frozen
+class OpenAIConnection(HTTPConnection):
+    """An OpenAI-compatible HTTP upstream (OpenAI, vLLM, Ollama, llama.cpp, OpenRouter, Groq…)."""
+
+    #: Request fields applied when the client does not send them (lm-proxy ``default_args``).
+    default_args: Mapping[str, Any] = attrs.field(factory=dict)
     #: Ask the upstream for the final usage chunk on every stream (for accounting) and strip it
     #: from the relayed stream when the client did not ask for it. Turn off for servers that
     #: reject ``stream_options``.
     stream_usage: bool = True
-    api_type: str = "openai"
 
 
 @attrs.frozen

@@ -12,7 +12,8 @@ from typing import Any
 
 import orjson
 
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, UpstreamError, UpstreamProtocolError, UpstreamUnreachable
+from .sse import DONE, SSEEvent
 
 JSONObject = dict[str, Any]
 
@@ -222,3 +223,138 @@ class StreamTally:
     def finished(self) -> bool:
         """Whether any choice reported a finish reason."""
         return bool(self.finish_reasons)
+
+
+# -- upstream answers -------------------------------------------------------------------------
+
+
+def error_from_status(
+    connection: str, status: int, body: bytes, headers: dict[str, str]
+) -> UpstreamError:
+    """Build the error for an upstream's non-2xx answer, keeping its status and fields.
+
+    Messages of 4xx answers are about the client's own request (a bad parameter, a context too
+    long), so they are passed on. 401/403 mean the *gateway's* provider key was refused: that
+    message (which may quote part of the key) is replaced. 5xx details are shown only in debug.
+    """
+    info: dict[str, Any] = {}
+    raw_text = body[:2000].decode("utf-8", "replace")
+    try:
+        parsed = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict):
+        err = parsed.get("error", parsed)
+        if isinstance(err, dict):
+            info = err
+        elif isinstance(err, str):  # Ollama and others: {"error": "message"}
+            info = {"message": err}
+    message = info.get("message") if isinstance(info.get("message"), str) else None
+    error_type = info.get("type") if isinstance(info.get("type"), str) else None
+    code = info.get("code")
+    code = str(code) if code is not None else None
+    param = info.get("param") if isinstance(info.get("param"), str) else None
+    detail = f"upstream HTTP {status}: {message or raw_text}"
+
+    if status in (401, 403):
+        return UpstreamError(
+            f"The upstream provider rejected the gateway's credentials for connection "
+            f"{connection!r} (HTTP {status}).",
+            status=status,
+            error_type="upstream_authentication_error",
+            code="upstream_authentication_failed",
+            headers=headers,
+            detail=detail,
+            connection=connection,
+        )
+    if 400 <= status < 500:
+        known = {"message", "type", "code", "param"}
+        return UpstreamError(
+            message or f"The upstream provider rejected the request (HTTP {status}).",
+            status=status,
+            error_type=error_type
+            or ("rate_limit_error" if status == 429 else "invalid_request_error"),
+            code=code,
+            param=param,
+            headers=headers,
+            detail=None if message else detail,
+            connection=connection,
+            extra={k: v for k, v in info.items() if k not in known},
+        )
+    return UpstreamError(
+        f"The upstream provider failed (HTTP {status}) on connection {connection!r}.",
+        status=status if status >= 500 else 502,
+        error_type=error_type or "upstream_error",
+        code=code or "upstream_error",
+        headers=headers,
+        detail=detail,
+        connection=connection,
+    )
+
+
+class OpenAIStreamTranslator:
+    """OpenAI SSE events -> chunk objects (the identity translation, plus the checks).
+
+    ``done`` after ``[DONE]``. A body that ends without ``[DONE]`` is accepted if some choice
+    reported a ``finish_reason`` (several OpenAI-compatible servers omit ``[DONE]``); otherwise
+    the stream was cut and :meth:`finish` raises.
+    """
+
+    def __init__(self, connection: str) -> None:
+        self._connection = connection
+        self.done = False
+        self._finished_choice = False
+
+    def feed(self, event: SSEEvent) -> list[JSONObject]:
+        if event.data == DONE:
+            self.done = True
+            return []
+        try:
+            chunk = orjson.loads(event.data)
+        except orjson.JSONDecodeError as exc:
+            raise UpstreamProtocolError(
+                f"The upstream provider sent a malformed stream chunk (connection "
+                f"{self._connection!r}).",
+                detail=f"{exc}; data starts {event.data[:200]!r}",
+                connection=self._connection,
+            ) from exc
+        if not isinstance(chunk, dict):
+            raise UpstreamProtocolError(
+                f"The upstream provider sent a stream chunk that is not an object "
+                f"(connection {self._connection!r}).",
+                detail=f"data starts {event.data[:200]!r}",
+                connection=self._connection,
+            )
+        if event.event == "error" or ("error" in chunk and "choices" not in chunk):
+            raise _stream_error(self._connection, chunk)
+        for choice in chunk.get("choices") or ():
+            if isinstance(choice, dict) and choice.get("finish_reason"):
+                self._finished_choice = True
+        return [chunk]
+
+    def finish(self) -> list[JSONObject]:
+        if not self.done and not self._finished_choice:
+            raise UpstreamUnreachable(
+                f"The upstream provider ended the stream before it finished (connection "
+                f"{self._connection!r}).",
+                detail="end of body without [DONE] or a finish_reason",
+                connection=self._connection,
+            )
+        self.done = True
+        return []
+
+
+def _stream_error(connection: str, chunk: JSONObject) -> UpstreamError:
+    """An error object sent inside a stream (OpenRouter and others do this after a 200)."""
+    err = chunk.get("error")
+    info = err if isinstance(err, dict) else {"message": str(err)}
+    code = info.get("code")
+    status = code if isinstance(code, int) and 400 <= code < 600 else 502
+    return UpstreamError(
+        f"The upstream provider reported an error mid-stream (connection {connection!r}).",
+        status=status,
+        error_type=info.get("type") if isinstance(info.get("type"), str) else "upstream_error",
+        code=str(code) if code is not None else "upstream_error",
+        detail=str(info.get("message", "")),
+        connection=connection,
+    )

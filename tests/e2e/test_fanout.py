@@ -112,10 +112,14 @@ async def test_one_failure_cancels_the_other_calls() -> None:
     started = Rendezvous(3)
 
     async def model(messages: Any, **params: Any) -> str:
-        number = await started.arrive()
-        if number == 2:
-            raise UpstreamError("slow down", status=429, headers={"retry-after": "4"})
+        started.arrived += 1
+        number = started.arrived  # taken before any checkpoint, so a cancel can't lose it
         try:
+            if number == started.n:
+                started.all_here.set()
+            await started.all_here.wait()
+            if number == 2:
+                raise UpstreamError("slow down", status=429, headers={"retry-after": "4"})
             await trio.sleep_forever()
         except trio.Cancelled:
             cancelled.append(number)
