@@ -399,6 +399,7 @@ class Gateway:
                 request_id=record.id,
                 nursery=scope.nursery,
                 connections=self.connections,
+                client_headers=request.headers,
             )
             n = data.get("n") or 1
             fan_out = n > 1 and not has_native_n(connection)

@@ -44,6 +44,8 @@ class ChatCall:
             usage chunk again instead of handing the client something it did not request.
         connections: every connection of the gateway, by name: a connection made of other
             connections (a load balancer, a fallback chain) delegates through these.
+        client_headers: the client's request headers (lower-case names), for connections that
+            pass some on (``anthropic-beta``); never sent upstream wholesale.
     """
 
     body: JSONObject
@@ -55,6 +57,7 @@ class ChatCall:
     headers: dict[str, str] = attrs.field(factory=dict)
     usage_requested_by_gateway: bool = False
     connections: Mapping[str, Connection] = attrs.field(factory=dict, repr=False)
+    client_headers: Mapping[str, str] = attrs.field(factory=dict, repr=False)
 
 
 @attrs.define
