@@ -33,7 +33,7 @@ import attrs
 
 from . import __version__
 from .config import Config, apply_env_file, load_config, parse_bool_word
-from .config.model import EchoConnection, OpenAIConnection
+from .config.model import EchoConnection, GoogleConnection, HTTPConnection
 from .errors import ConfigError
 
 log = logging.getLogger("lm_gateway")
@@ -196,7 +196,10 @@ def describe(config: Config, warnings: Sequence[str]) -> str:
     lines.append("connections:")
     width = max((len(n) for n in config.connections), default=0)
     for name, conn in config.connections.items():
-        if isinstance(conn, OpenAIConnection):
+        if isinstance(conn, GoogleConnection):
+            where = f"vertex {conn.project}/{conn.location}" if conn.vertexai else "gemini api"
+            what = f"{conn.api_type:<10} {conn.api_base} ({where}, {conn.api_version})"
+        elif isinstance(conn, HTTPConnection):
             what = f"{conn.api_type:<10} {conn.api_base}"
         elif isinstance(conn, EchoConnection):
             what = "echo"

@@ -233,3 +233,64 @@ class UpstreamProtocolError(UpstreamError):
     """The upstream's answer was not valid OpenAI wire format (502)."""
 
     default_code = "upstream_invalid_response"
+
+
+def upstream_status_error(
+    connection: str,
+    status: int,
+    *,
+    message: str | None,
+    error_type: str | None = None,
+    code: str | None = None,
+    param: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    raw: str = "",
+) -> UpstreamError:
+    """The error for an upstream's non-2xx answer, by one policy for every provider.
+
+    - 401/403 mean the *gateway's* provider credentials were refused: the status is kept, the
+      message (which may quote part of the key) is replaced.
+    - Other 4xx are about the client's own request (a bad parameter, a context too long): status,
+      message, type, code, param and extra fields are passed on.
+    - 5xx keep their status; the upstream's text is shown only in debug mode.
+
+    Args:
+        message, error_type, code, param, extra: what the provider's error body said, already
+            mapped to OpenAI's vocabulary by the caller.
+        raw: the start of the body, for debug details when there is no message.
+    """
+    detail = f"upstream HTTP {status}: {message or raw}"
+    if status in (401, 403):
+        return UpstreamError(
+            f"The upstream provider rejected the gateway's credentials for connection "
+            f"{connection!r} (HTTP {status}).",
+            status=status,
+            error_type="upstream_authentication_error",
+            code="upstream_authentication_failed",
+            headers=headers,
+            detail=detail,
+            connection=connection,
+        )
+    if 400 <= status < 500:
+        return UpstreamError(
+            message or f"The upstream provider rejected the request (HTTP {status}).",
+            status=status,
+            error_type=error_type
+            or ("rate_limit_error" if status == 429 else "invalid_request_error"),
+            code=code,
+            param=param,
+            headers=headers,
+            detail=None if message else detail,
+            connection=connection,
+            extra=extra,
+        )
+    return UpstreamError(
+        f"The upstream provider failed (HTTP {status}) on connection {connection!r}.",
+        status=status if status >= 500 else 502,
+        error_type=error_type or "upstream_error",
+        code=code or "upstream_error",
+        headers=headers,
+        detail=detail,
+        connection=connection,
+    )

@@ -68,6 +68,47 @@ class OpenAIConnection(HTTPConnection):
 
 
 @attrs.frozen
+class AnthropicConnection(HTTPConnection):
+    """Anthropic's Messages API, translated to and from OpenAI chat completions."""
+
+    #: ``max_tokens`` when the client sends none (Anthropic requires it; OpenAI does not).
+    max_tokens: int = 4096
+    #: The ``anthropic-version`` header sent upstream (decides which sampling parameters exist).
+    anthropic_version: str = "2023-06-01"
+    #: ``anthropic-beta`` values sent with every request (merged with the client's header).
+    anthropic_beta: tuple[str, ...] = ()
+    #: How ``reasoning_effort`` becomes thinking: a token ``budget``, or ``adaptive`` thinking
+    #: with ``output_config.effort`` (newer models).
+    reasoning: Literal["budget", "adaptive"] = "budget"
+    #: Drop request parameters Anthropic cannot honour instead of answering 400.
+    drop_unsupported_params: bool = False
+    api_type: str = "anthropic"
+
+
+@attrs.frozen
+class GoogleConnection(HTTPConnection):
+    """Gemini: the Developer API (API key) or Vertex AI (OAuth from a service account or ADC)."""
+
+    vertexai: bool = False
+    project: str | None = None
+    location: str = "global"
+    #: The path's version segment: ``v1beta`` (Developer API) or ``v1beta1`` (Vertex) by default.
+    api_version: str = "v1beta"
+    service_account_file: str | None = None
+    service_account_info: Mapping[str, Any] | None = attrs.field(default=None, repr=False)
+    drop_unsupported_params: bool = False
+    #: Images given as https URLs are fetched by the gateway (Gemini wants the bytes).
+    image_fetch_max_bytes: int = 20 * 1024 * 1024
+    image_fetch_timeout_seconds: float = 10.0
+    #: Allow fetching images from loopback/private addresses (off: a request must not make the
+    #: gateway reach into its own network).
+    image_fetch_allow_private: bool = False
+    #: Fields deep-merged into every request body (``safetySettings``, ``generationConfig``...).
+    extra_body: Mapping[str, Any] = attrs.field(factory=dict)
+    api_type: str = "google"
+
+
+@attrs.frozen
 class EchoConnection:
     """The built-in echo model: answers with the last user message (no keys, no network)."""
 
@@ -86,7 +127,9 @@ class CustomConnection:
     api_type: str = "custom"
 
 
-ConnectionConfig = OpenAIConnection | EchoConnection | CustomConnection
+ConnectionConfig = (
+    OpenAIConnection | AnthropicConnection | GoogleConnection | EchoConnection | CustomConnection
+)
 
 
 @attrs.frozen

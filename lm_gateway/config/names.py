@@ -53,12 +53,16 @@ OPENAI_COMPATIBLE_PLATFORMS: dict[str, str] = {
     "deep_infra": "https://api.deepinfra.com/v1/openai",
 }
 
+ANTHROPIC_API_BASE = "https://api.anthropic.com"
+#: The ``anthropic-version`` sent by default: the version that still has ``temperature``,
+#: ``top_p`` and ``top_k`` (2026-10-21 removed them), which OpenAI clients send all the time.
+ANTHROPIC_DEFAULT_VERSION = "2023-06-01"
+GEMINI_API_BASE = "https://generativelanguage.googleapis.com"
+#: ``api_type`` values served by the Gemini connection (lm-proxy's deprecated aliases included).
+GOOGLE_API_TYPES = ("google", "google_ai_studio", "google_vertex_ai")
+
 #: ``api_type`` values recognised but not served yet, with the reason shown to the user.
 API_TYPES_NOT_SUPPORTED_YET: dict[str, str] = {
-    "anthropic": "Anthropic connections are not supported yet",
-    "google": "Google Gemini connections are not supported yet",
-    "google_ai_studio": "Google Gemini connections are not supported yet",
-    "google_vertex_ai": "Google Vertex AI connections are not supported yet",
     "transformers": "local transformers models are not supported yet",
     "azure": (
         "Azure OpenAI connections are not supported yet; Azure's OpenAI-compatible v1 endpoint "

@@ -14,26 +14,33 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import math
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any, NoReturn, TypeVar, cast
+from typing import Any, Literal, NoReturn, TypeVar, cast
 
 from ..errors import ConfigError
 from .model import (
+    AnthropicConnection,
     Config,
     ConnectionConfig,
     CustomConnection,
     EchoConnection,
     ExtensionRef,
+    GoogleConnection,
     Group,
     ModelListingMode,
     OpenAIConnection,
     RouteRule,
 )
 from .names import (
+    ANTHROPIC_API_BASE,
+    ANTHROPIC_DEFAULT_VERSION,
     API_TYPES_NOT_SUPPORTED_YET,
     BUILTIN_CONFIG_KEY_CHECK,
+    GEMINI_API_BASE,
+    GOOGLE_API_TYPES,
     OPENAI_COMPATIBLE_PLATFORMS,
     canonical_name,
     not_supported_reason,
@@ -279,27 +286,41 @@ def _connection(name: str, value: Any, path: str, warnings: list[str]) -> Connec
         api_type = "openai"
     if api_type in API_TYPES_NOT_SUPPORTED_YET:
         t.fail("api_type", f"{API_TYPES_NOT_SUPPORTED_YET[api_type]} ({api_type_value!r})")
+    if t.has("model"):
+        t.raw("model")
+        warnings.append(f"{join_path(path, 'model')}: ignored (routing rules pick the model)")
+    conn: ConnectionConfig
     if api_type == "echo":
-        echo = EchoConnection(
+        conn = EchoConnection(
             name=name, chunk_delay_seconds=t.seconds("chunk_delay_seconds", 0.0, positive=False)
         )
-        if t.has("model"):
-            t.raw("model")
-            warnings.append(f"{join_path(path, 'model')}: ignored (routing rules pick the model)")
-        t.finish()
-        return echo
-    if api_type not in OPENAI_COMPATIBLE_PLATFORMS:
-        supported = sorted({*OPENAI_COMPATIBLE_PLATFORMS, "echo"})
+    elif api_type in OPENAI_COMPATIBLE_PLATFORMS:
+        conn = _openai_connection(t, name, api_type)
+    elif api_type == "anthropic":
+        conn = _anthropic_connection(t, name)
+    elif api_type in GOOGLE_API_TYPES:
+        conn = _google_connection(t, name, vertex_default=api_type == "google_vertex_ai")
+    else:
+        supported = sorted({*OPENAI_COMPATIBLE_PLATFORMS, "echo", "anthropic", *GOOGLE_API_TYPES})
         t.fail(
             "api_type", f"unknown api_type {api_type_value!r}; supported: {', '.join(supported)}"
         )
+    t.finish()
+    return conn
 
-    api_base = _one_of(t, "api_base", "openai_api_base")
-    api_key = _one_of(t, "api_key", "openai_api_key")
+
+def _http_fields(
+    t: _Table, *, default_base: str | None, key_aliases: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The settings every HTTP connection shares, read from ``t`` (keyword arguments for
+    :class:`HTTPConnection` and its subclasses). ``api_base`` is None when neither the table
+    nor ``default_base`` gives one (the caller decides)."""
+    api_base = _one_of(t, "api_base", *(f"{a}_api_base" for a in key_aliases))
+    api_key = _one_of(t, "api_key", *(f"{a}_api_key" for a in key_aliases))
     headers = t.str_map("http_headers")
     request_timeout = t.seconds("request_timeout_seconds", None)
     # lm-proxy passed init_params to the SDK client; the meaningful ones map onto our keys.
-    init = _Table(t.table("init_params"), join_path(path, "init_params"))
+    init = _Table(t.table("init_params"), join_path(t.path, "init_params"))
     if init.has("timeout"):
         request_timeout = init.seconds("timeout", None)
     retries = init.integer("max_retries", 0)
@@ -311,21 +332,11 @@ def _connection(name: str, value: Any, path: str, warnings: list[str]) -> Connec
     init.finish()
 
     if api_base is None:
-        api_base = OPENAI_COMPATIBLE_PLATFORMS[api_type]
-    api_base = api_base.strip().rstrip("/")
-    if not api_base.startswith(("http://", "https://")):
-        t.fail("api_base", f"must be an http:// or https:// URL, got {api_base!r}")
-
-    default_args = dict(t.table("default_args"))
-    for forbidden in ("model", "messages", "stream"):
-        if forbidden in default_args:
-            raise ConfigError(
-                "cannot set a default for this field",
-                join_path(join_path(path, "default_args"), forbidden),
-            )
-    if t.has("model"):
-        t.raw("model")
-        warnings.append(f"{join_path(path, 'model')}: ignored (routing rules pick the model)")
+        api_base = default_base
+    if api_base is not None:
+        api_base = api_base.strip().rstrip("/")
+        if not api_base.startswith(("http://", "https://")):
+            t.fail("api_base", f"must be an http:// or https:// URL, got {api_base!r}")
 
     verify_raw = t.raw("verify_ssl")
     verify: bool | str = True
@@ -338,27 +349,157 @@ def _connection(name: str, value: Any, path: str, warnings: list[str]) -> Connec
         t.fail(
             "verify_ssl", f"expected true, false or a CA bundle path; got {_type_name(verify_raw)}"
         )
+    return {
+        "api_base": api_base,
+        "api_key": api_key.strip() if api_key else None,
+        "http_headers": headers,
+        "connect_timeout_seconds": t.seconds("connect_timeout_seconds", 10.0),
+        "read_timeout_seconds": t.seconds("read_timeout_seconds", 600.0),
+        "write_timeout_seconds": t.seconds("write_timeout_seconds", 60.0),
+        "request_timeout_seconds": request_timeout,
+        "max_connections": t.integer("max_connections", 100, minimum=1),
+        "max_keepalive_connections": t.integer("max_keepalive_connections", 20, minimum=0),
+        "keepalive_expiry_seconds": t.seconds("keepalive_expiry_seconds", 30.0, positive=False),
+        "http2": t.boolean("http2", False),
+        "verify_ssl": verify,
+    }
 
-    conn = OpenAIConnection(
+
+def _openai_connection(t: _Table, name: str, api_type: str) -> OpenAIConnection:
+    fields = _http_fields(
+        t, default_base=OPENAI_COMPATIBLE_PLATFORMS[api_type], key_aliases=("openai",)
+    )
+    default_args = dict(t.table("default_args"))
+    for forbidden in ("model", "messages", "stream"):
+        if forbidden in default_args:
+            raise ConfigError(
+                "cannot set a default for this field",
+                join_path(join_path(t.path, "default_args"), forbidden),
+            )
+    return OpenAIConnection(
         name=name,
         api_type=api_type,
-        api_base=api_base,
-        api_key=api_key.strip() if api_key else None,
-        http_headers=headers,
         default_args=default_args,
-        connect_timeout_seconds=t.seconds("connect_timeout_seconds", 10.0),
-        read_timeout_seconds=t.seconds("read_timeout_seconds", 600.0),
-        write_timeout_seconds=t.seconds("write_timeout_seconds", 60.0),
-        request_timeout_seconds=request_timeout,
-        max_connections=t.integer("max_connections", 100, minimum=1),
-        max_keepalive_connections=t.integer("max_keepalive_connections", 20, minimum=0),
-        keepalive_expiry_seconds=t.seconds("keepalive_expiry_seconds", 30.0, positive=False),
-        http2=t.boolean("http2", False),
-        verify_ssl=verify,
         stream_usage=t.boolean("stream_usage", True),
+        **fields,
     )
-    t.finish()
-    return conn
+
+
+def _string_list(t: _Table, key: str) -> tuple[str, ...]:
+    value = t.raw(key)
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        t.fail(key, "expected a list of strings (or one comma-separated string)")
+    return tuple(v.strip() for v in value)
+
+
+def _anthropic_connection(t: _Table, name: str) -> AnthropicConnection:
+    fields = _http_fields(t, default_base=ANTHROPIC_API_BASE, key_aliases=("anthropic",))
+    # The Messages path starts with /v1; accept a base URL given with it as well.
+    if fields["api_base"].endswith("/v1"):
+        fields["api_base"] = fields["api_base"][: -len("/v1")]
+    version = t.string("anthropic_version", ANTHROPIC_DEFAULT_VERSION).strip()
+    if not version:
+        t.fail("anthropic_version", "must not be empty")
+    reasoning = t.string("reasoning", "budget")
+    if reasoning not in ("budget", "adaptive"):
+        t.fail("reasoning", f"expected 'budget' or 'adaptive', got {reasoning!r}")
+    return AnthropicConnection(
+        name=name,
+        max_tokens=t.integer("max_tokens", 4096, minimum=1),
+        anthropic_version=version,
+        anthropic_beta=_string_list(t, "anthropic_beta"),
+        reasoning=cast(Literal["budget", "adaptive"], reasoning),
+        drop_unsupported_params=t.boolean("drop_unsupported_params", False),
+        **fields,
+    )
+
+
+def _google_connection(t: _Table, name: str, *, vertex_default: bool) -> GoogleConnection:
+    for legacy in (
+        "google_vertex_project_id",
+        "google_vertex_gcloud_auth",
+        "google_vertex_response_validation",
+    ):
+        if t.raw(legacy) is not None:
+            t.fail(
+                legacy,
+                "microcore's old Vertex settings are not supported: use vertexai = true, "
+                "project, location, and a service account or application default credentials",
+            )
+    vertex = t.boolean("vertexai", vertex_default)
+    if t.raw("google_genai_use_vertexai") is not None:
+        vertex = t.boolean("google_genai_use_vertexai", vertex)
+    project = _one_of(t, "project", "google_cloud_project_id")
+    location = _one_of(t, "location", "google_cloud_location") or "global"
+    sa_file = _one_of(t, "service_account_file")
+    sa_info: dict[str, Any] | None = None
+    for key in (
+        "service_account_json",
+        "google_cloud_service_account_json",
+        "google_cloud_service_account",
+    ):
+        raw = t.raw(key)
+        if raw is None:
+            continue
+        if isinstance(raw, Mapping):
+            sa_info = dict(raw)
+        elif isinstance(raw, str) and raw.strip().startswith("{"):
+            try:
+                parsed = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                t.fail(key, f"is not valid JSON: {exc.msg} (line {exc.lineno})")
+            if not isinstance(parsed, dict):
+                t.fail(key, "must be a JSON object (a service account key)")
+            sa_info = parsed
+        elif isinstance(raw, str) and key == "google_cloud_service_account":
+            sa_file = raw  # lm-proxy: a path or the key itself
+        else:
+            t.fail(key, f"expected a service account key (JSON), got {_type_name(raw)}")
+    api_version = _one_of(t, "api_version")
+    fields = _http_fields(t, default_base=None, key_aliases=("google",))
+    if vertex:
+        if not project and not fields["api_key"]:
+            t.fail("project", "Vertex AI needs a project (or an API key for express mode)")
+        if fields["api_base"] is None:
+            fields["api_base"] = vertex_api_base(location)
+    else:
+        if sa_file or sa_info:
+            t.fail(
+                "vertexai",
+                "service account credentials are for Vertex AI: set vertexai = true (and project)",
+            )
+        if fields["api_base"] is None:
+            fields["api_base"] = GEMINI_API_BASE
+    if sa_file and sa_info:
+        t.fail("service_account_file", "give the service account as a file or as JSON, not both")
+    return GoogleConnection(
+        name=name,
+        vertexai=vertex,
+        project=project,
+        location=location,
+        api_version=api_version or ("v1beta1" if vertex else "v1beta"),
+        service_account_file=sa_file,
+        service_account_info=sa_info,
+        drop_unsupported_params=t.boolean("drop_unsupported_params", False),
+        image_fetch_max_bytes=t.integer("image_fetch_max_bytes", 20 * 1024 * 1024, minimum=1),
+        image_fetch_timeout_seconds=t.seconds("image_fetch_timeout_seconds", 10.0),
+        image_fetch_allow_private=t.boolean("image_fetch_allow_private", False),
+        extra_body=dict(t.table("extra_body")),
+        **fields,
+    )
+
+
+def vertex_api_base(location: str) -> str:
+    """Vertex AI's host for a location (as google-genai builds it)."""
+    if location == "global":
+        return "https://aiplatform.googleapis.com"
+    if location in ("us", "eu"):
+        return f"https://aiplatform.{location}.rep.googleapis.com"
+    return f"https://{location}-aiplatform.googleapis.com"
 
 
 def _one_of(t: _Table, *keys: str) -> str | None:

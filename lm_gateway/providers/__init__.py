@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from ..config.model import ConnectionConfig, CustomConnection, EchoConnection, OpenAIConnection
+from ..config.model import (
+    AnthropicConnection,
+    ConnectionConfig,
+    CustomConnection,
+    EchoConnection,
+    GoogleConnection,
+    OpenAIConnection,
+)
 from ..config.resolve import resolve_extension
 from ..errors import ConfigError
 from .base import ChatCall, ChatResult, ChatStream, Connection, close_quietly
@@ -30,6 +37,14 @@ def build_connection(config: ConnectionConfig) -> Connection:
     """
     if isinstance(config, OpenAIConnection):
         return OpenAIProvider(config)
+    if isinstance(config, AnthropicConnection):
+        from .anthropic import AnthropicProvider
+
+        return AnthropicProvider(config)
+    if isinstance(config, GoogleConnection):
+        from .google import GoogleProvider
+
+        return GoogleProvider(config)
     if isinstance(config, EchoConnection):
         return EchoProvider(config)
     if isinstance(config, CustomConnection):

@@ -96,4 +96,3 @@ class OpenAIProvider:
 
     async def aclose(self) -> None:
         await self._http.aclose()
-

@@ -12,7 +12,13 @@ from typing import Any
 
 import orjson
 
-from ..errors import InvalidRequest, UpstreamError, UpstreamProtocolError, UpstreamUnreachable
+from ..errors import (
+    InvalidRequest,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamUnreachable,
+    upstream_status_error,
+)
 from .sse import DONE, SSEEvent
 
 JSONObject = dict[str, Any]
@@ -250,45 +256,18 @@ def error_from_status(
         elif isinstance(err, str):  # Ollama and others: {"error": "message"}
             info = {"message": err}
     message = info.get("message") if isinstance(info.get("message"), str) else None
-    error_type = info.get("type") if isinstance(info.get("type"), str) else None
     code = info.get("code")
-    code = str(code) if code is not None else None
-    param = info.get("param") if isinstance(info.get("param"), str) else None
-    detail = f"upstream HTTP {status}: {message or raw_text}"
-
-    if status in (401, 403):
-        return UpstreamError(
-            f"The upstream provider rejected the gateway's credentials for connection "
-            f"{connection!r} (HTTP {status}).",
-            status=status,
-            error_type="upstream_authentication_error",
-            code="upstream_authentication_failed",
-            headers=headers,
-            detail=detail,
-            connection=connection,
-        )
-    if 400 <= status < 500:
-        known = {"message", "type", "code", "param"}
-        return UpstreamError(
-            message or f"The upstream provider rejected the request (HTTP {status}).",
-            status=status,
-            error_type=error_type
-            or ("rate_limit_error" if status == 429 else "invalid_request_error"),
-            code=code,
-            param=param,
-            headers=headers,
-            detail=None if message else detail,
-            connection=connection,
-            extra={k: v for k, v in info.items() if k not in known},
-        )
-    return UpstreamError(
-        f"The upstream provider failed (HTTP {status}) on connection {connection!r}.",
-        status=status if status >= 500 else 502,
-        error_type=error_type or "upstream_error",
-        code=code or "upstream_error",
+    known = {"message", "type", "code", "param"}
+    return upstream_status_error(
+        connection,
+        status,
+        message=message,
+        error_type=info.get("type") if isinstance(info.get("type"), str) else None,
+        code=str(code) if code is not None else None,
+        param=info.get("param") if isinstance(info.get("param"), str) else None,
         headers=headers,
-        detail=detail,
-        connection=connection,
+        extra={k: v for k, v in info.items() if k not in known},
+        raw=raw_text,
     )
 
 
