@@ -21,9 +21,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lm_gateway.config import (
+    AnthropicConnection,
     Config,
     CustomConnection,
     EchoConnection,
+    GoogleConnection,
     OpenAIConnection,
     apply_env_file,
     build_config,
@@ -594,11 +596,8 @@ def test_resolve_env_refs_property(data: dict[str, Any], environ: dict[str, str]
 @pytest.mark.parametrize(
     ("api_type", "words"),
     [
-        ("anthropic", "Anthropic connections are not supported yet"),
-        ("google", "Google Gemini connections are not supported yet"),
-        ("google_vertex_ai", "Vertex AI"),
         ("transformers", "local transformers models are not supported yet"),
-        ("Anthropic", "not supported yet"),
+        ("Transformers", "not supported yet"),
         ("azure", "api_type = 'openai'"),
         ("function", "not supported"),
     ],
@@ -1406,16 +1405,19 @@ api_keys = [
 README_ENV = {"OPENAI_API_KEY": "sk-o", "GOOGLE_API_KEY": "g", "ANTHROPIC_API_KEY": "a"}
 
 
-def test_lm_proxy_readme_example_fails_clearly_on_its_first_unsupported_provider(
-    tmp_path: Path,
-) -> None:
-    # The README's example ([[loggers]] removed) uses Google and Anthropic connections, which
-    # are not served yet: the file must parse and fail with the clear message, not a crash.
+def test_lm_proxy_readme_example_loads_with_all_its_providers(tmp_path: Path) -> None:
+    # The README's example ([[loggers]] removed: loggers are not supported yet).
     path = write(tmp_path, "config.toml", LM_PROXY_README_TOML)
-    with pytest.raises(ConfigError) as info:
-        load_config(path, environ=README_ENV)
-    assert info.value.path == "connections.google.api_type"
-    assert "not supported yet" in info.value.message
+    config = load_config(path, environ=README_ENV)
+    google = config.connections["google"]
+    anthropic = config.connections["anthropic"]
+    assert isinstance(google, GoogleConnection)
+    assert not google.vertexai
+    assert google.api_key == "g"
+    assert google.api_base == "https://generativelanguage.googleapis.com"
+    assert isinstance(anthropic, AnthropicConnection)
+    assert anthropic.api_key == "a"
+    assert anthropic.api_base == "https://api.anthropic.com"
 
 
 def test_lm_proxy_readme_example_loads_without_unsupported_providers(tmp_path: Path) -> None:

@@ -12,12 +12,15 @@ from .load import (
     read_config_data,
 )
 from .model import (
+    AnthropicConnection,
     Config,
     ConnectionConfig,
     CustomConnection,
     EchoConnection,
     ExtensionRef,
+    GoogleConnection,
     Group,
+    HTTPConnection,
     OpenAIConnection,
     RouteRule,
 )
@@ -26,12 +29,15 @@ from .schema import build_config, parse_bool_word
 __all__ = [
     "EMBEDDED_DEFAULT",
     "EMBEDDED_DEFAULT_NAME",
+    "AnthropicConnection",
     "Config",
     "ConnectionConfig",
     "CustomConnection",
     "EchoConnection",
     "ExtensionRef",
+    "GoogleConnection",
     "Group",
+    "HTTPConnection",
     "OpenAIConnection",
     "RouteRule",
     "apply_env_file",

@@ -22,6 +22,8 @@ from typing import Any, Protocol, runtime_checkable
 import attrs
 import trio
 
+from ..errors import GatewayError, InternalError
+
 JSONObject = dict[str, Any]
 
 
@@ -130,3 +132,24 @@ async def close_quietly(stream: ChatStream, *, grace_seconds: float = 2.0) -> No
     """
     with trio.CancelScope(shield=True), trio.move_on_after(grace_seconds):
         await stream.aclose()
+
+
+def raise_from_group(group: BaseExceptionGroup[Any]) -> None:
+    """Turn what a fan-out nursery raised into one gateway error (cancellation passes through).
+
+    Raises:
+        BaseExceptionGroup: unchanged, if it holds a cancellation from outside.
+        GatewayError: the first gateway error among the failures.
+        InternalError: a failure that is not a gateway error.
+    """
+    if group.subgroup(trio.Cancelled) is not None:
+        raise group
+    errors = group.subgroup(GatewayError)
+    if errors is not None:
+        leaf: BaseException = errors
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        raise leaf from group
+    raise InternalError(
+        "The gateway failed while running concurrent calls.", detail=repr(group.exceptions[0])
+    ) from group

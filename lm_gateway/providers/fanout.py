@@ -22,7 +22,15 @@ from typing import Any
 import trio
 
 from ..errors import GatewayError, InternalError
-from .base import ChatCall, ChatResult, ChatStream, Connection, JSONObject, close_quietly
+from .base import (
+    ChatCall,
+    ChatResult,
+    ChatStream,
+    Connection,
+    JSONObject,
+    close_quietly,
+    raise_from_group,
+)
 
 
 def has_native_n(connection: Connection) -> bool:
@@ -58,27 +66,6 @@ def add_usage(total: JSONObject | None, usage: Any) -> JSONObject | None:
     return out
 
 
-def _raise_from_group(group: BaseExceptionGroup[Any]) -> None:
-    """Turn what a fan-out nursery raised into one gateway error (cancellation passes through).
-
-    Raises:
-        BaseExceptionGroup: unchanged, if it holds a cancellation from outside.
-        GatewayError: the first gateway error among the failures.
-        InternalError: a failure that is not a gateway error.
-    """
-    if group.subgroup(trio.Cancelled) is not None:
-        raise group
-    errors = group.subgroup(GatewayError)
-    if errors is not None:
-        leaf: BaseException = errors
-        while isinstance(leaf, BaseExceptionGroup):
-            leaf = leaf.exceptions[0]
-        raise leaf from group
-    raise InternalError(
-        "The gateway failed while fanning out n requests.", detail=repr(group.exceptions[0])
-    ) from group
-
-
 async def fan_out_chat(connection: Connection, call: ChatCall, n: int) -> ChatResult:
     """``n`` calls of ``connection.chat`` in one nursery, merged into one completion.
 
@@ -95,7 +82,7 @@ async def fan_out_chat(connection: Connection, call: ChatCall, n: int) -> ChatRe
             for i in range(n):
                 nursery.start_soon(one, i)
     except BaseExceptionGroup as group:
-        _raise_from_group(group)
+        raise_from_group(group)
     done = [r for r in results if r is not None]
     body = dict(done[0].body)
     choices: list[Any] = []
@@ -130,7 +117,7 @@ async def fan_out_stream(connection: Connection, call: ChatCall, n: int) -> Chat
         for stream in streams:
             if stream is not None:
                 await close_quietly(stream)
-        _raise_from_group(group)
+        raise_from_group(group)
     merged = MergedStream([s for s in streams if s is not None], model=call.body.get("model"))
     # The merged stream always ends with a usage chunk; the relay drops it unless asked for.
     call.usage_requested_by_gateway = True

@@ -23,8 +23,6 @@ lost data; see ``doc/providers.md`` for the tables):
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import re
 import secrets
@@ -43,6 +41,7 @@ from ..errors import (
     UpstreamUnreachable,
     upstream_status_error,
 )
+from .openai import parse_data_uri
 from .sse import SSEEvent
 
 JSONObject = dict[str, Any]
@@ -53,7 +52,6 @@ JSON_TOOL = "json_object_response"
 _SAMPLING_REMOVED_IN = "2026-10-21"
 _IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 _TOOL_ID = re.compile(r"[a-zA-Z0-9_-]+\Z")
-_DATA_URI = re.compile(r"data:([\w.+/-]+)?(;[^,]*)?,(.*)\Z", re.S)
 
 #: ``reasoning_effort`` -> thinking budget (tokens) for ``reasoning = "budget"``.
 THINKING_BUDGETS = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 16384, "xhigh": 32768}
@@ -179,23 +177,6 @@ def _image_block(part: JSONObject, param: str) -> JSONObject:
     if "cache_control" in part:
         block["cache_control"] = part["cache_control"]
     return block
-
-
-def parse_data_uri(uri: str, param: str) -> tuple[str, str]:
-    """``data:<type>;base64,<data>`` -> (media type, base64 data).
-
-    Raises:
-        InvalidRequest: not a base64 data URI, or the data is not valid base64.
-    """
-    match = _DATA_URI.match(uri)
-    if not match or not match.group(2) or "base64" not in match.group(2):
-        raise InvalidRequest(f"'{param}' must be a base64 data: URI.", param=param)
-    data = match.group(3)
-    try:
-        base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise InvalidRequest(f"'{param}' holds invalid base64 data.", param=param) from exc
-    return (match.group(1) or "").lower(), data
 
 
 def _user_blocks(content: Any, param: str) -> list[JSONObject]:

@@ -7,6 +7,9 @@ as OpenAI itself would answer; fields it does not know are forwarded untouched.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +27,7 @@ from .sse import DONE, SSEEvent
 JSONObject = dict[str, Any]
 
 _NUMBER = (int, float)
+_DATA_URI = re.compile(r"data:([\w.+/-]+)?(;[^,]*)?,(.*)\Z", re.S)
 
 # field -> (accepted Python types, description for messages). None is always accepted.
 _FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
@@ -178,6 +182,23 @@ def _validate_message(message: Any, param: str) -> None:
     tool_calls = message.get("tool_calls")
     if tool_calls is not None and not isinstance(tool_calls, list):
         raise _type_error(f"{param}.tool_calls", "an array", tool_calls)
+
+
+def parse_data_uri(uri: str, param: str) -> tuple[str, str]:
+    """``data:<type>;base64,<data>`` -> (media type, base64 data).
+
+    Raises:
+        InvalidRequest: not a base64 data URI, or the data is not valid base64.
+    """
+    match = _DATA_URI.match(uri)
+    if not match or not match.group(2) or "base64" not in match.group(2):
+        raise InvalidRequest(f"'{param}' must be a base64 data: URI.", param=param)
+    data = match.group(3)
+    try:
+        base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidRequest(f"'{param}' holds invalid base64 data.", param=param) from exc
+    return (match.group(1) or "").lower(), data
 
 
 def message_text(message: Mapping[str, Any]) -> str:
