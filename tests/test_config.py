@@ -1560,3 +1560,138 @@ def test_a_group_without_keys_is_a_warning_when_others_have_keys() -> None:
     data["groups"]["later"] = {"api_keys": []}
     config = build(data)
     assert "groups.later.api_keys: no keys, so no client can use this group" in config.warnings
+
+
+# --------------------------------------------------------------------------------------------
+# Anthropic and Google connections
+
+
+def _one_connection(conn: dict[str, Any], **environ: str) -> Any:
+    data = {
+        "connections": {"c": conn},
+        "routing": {"*": "c.*"},
+        "groups": {"g": {"api_keys": ["k"]}},
+    }
+    return build(data, **environ).connections["c"]
+
+
+def test_anthropic_connection_defaults_and_lm_proxy_key_alias() -> None:
+    conn = _one_connection({"api_type": "anthropic", "anthropic_api_key": "env:AK"}, AK="sk-ant")
+    assert isinstance(conn, AnthropicConnection)
+    assert conn.api_key == "sk-ant"
+    assert conn.api_base == "https://api.anthropic.com"
+    assert conn.anthropic_version == "2023-06-01"
+    assert conn.max_tokens == 4096
+    assert conn.reasoning == "budget"
+    assert conn.anthropic_beta == ()
+
+
+def test_anthropic_connection_settings() -> None:
+    conn = _one_connection({
+        "api_type": "anthropic",
+        "api_base": "https://proxy.example/v1",
+        "max_tokens": 1024,
+        "anthropic_version": "2026-10-21",
+        "anthropic_beta": "a-1, b-2",
+        "reasoning": "adaptive",
+        "drop_unsupported_params": True,
+        "read_timeout_seconds": 30,
+    })
+    assert conn.api_base == "https://proxy.example"  # the /v1 belongs to the Messages path
+    assert conn.max_tokens == 1024
+    assert conn.anthropic_beta == ("a-1", "b-2")
+    assert conn.reasoning == "adaptive"
+    assert conn.drop_unsupported_params is True
+    assert conn.read_timeout_seconds == 30
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("reasoning", "deep", "expected 'budget' or 'adaptive'"),
+        ("max_tokens", 0, "at least 1"),
+        ("anthropic_beta", [1], "list of strings"),
+        ("anthropic_version", " ", "must not be empty"),
+        ("temperature", 0.5, "unknown key"),
+    ],
+)
+def test_anthropic_connection_errors(key: str, value: Any, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        _one_connection({"api_type": "anthropic", key: value})
+    assert info.value.path == f"connections.c.{key}"
+    assert words in info.value.message
+
+
+def test_google_developer_api_connection() -> None:
+    conn = _one_connection({"api_type": "google", "google_api_key": "env:GK"}, GK="g-key")
+    assert isinstance(conn, GoogleConnection)
+    assert not conn.vertexai
+    assert conn.api_key == "g-key"
+    assert conn.api_base == "https://generativelanguage.googleapis.com"
+    assert conn.api_version == "v1beta"
+    assert conn.image_fetch_allow_private is False
+
+
+@pytest.mark.parametrize(
+    ("location", "host"),
+    [
+        ("global", "https://aiplatform.googleapis.com"),
+        ("us", "https://aiplatform.us.rep.googleapis.com"),
+        ("europe-west4", "https://europe-west4-aiplatform.googleapis.com"),
+    ],
+)
+def test_google_vertex_connection_hosts(location: str, host: str) -> None:
+    conn = _one_connection({
+        "api_type": "google", "vertexai": True, "project": "p1", "location": location,
+        "service_account_file": "/etc/sa.json",
+    })
+    assert conn.vertexai
+    assert conn.api_base == host
+    assert conn.api_version == "v1beta1"
+    assert conn.service_account_file == "/etc/sa.json"
+
+
+def test_google_lm_proxy_vertex_keys() -> None:
+    sa = '{"type": "service_account", "project_id": "p"}'
+    conn = _one_connection({
+        "api_type": "google_vertex_ai",
+        "google_cloud_project_id": "proj",
+        "google_cloud_location": "us-central1",
+        "google_cloud_service_account_json": sa,
+    })
+    assert conn.vertexai
+    assert conn.project == "proj"
+    assert conn.location == "us-central1"
+    assert conn.service_account_info == {"type": "service_account", "project_id": "p"}
+    assert "project_id" not in repr(conn)  # credentials never in a repr
+    same = _one_connection({"api_type": "google", "google_genai_use_vertexai": True,
+                            "project": "proj", "google_cloud_service_account": "/sa.json"})
+    assert same.vertexai
+    assert same.service_account_file == "/sa.json"
+
+
+@pytest.mark.parametrize(
+    ("conn", "path", "words"),
+    [
+        ({"api_type": "google", "vertexai": True}, "project", "needs a project"),
+        ({"api_type": "google", "service_account_file": "/x.json"}, "vertexai",
+         "service account credentials are for Vertex AI"),
+        ({"api_type": "google_vertex_ai", "google_vertex_project_id": "p"},
+         "google_vertex_project_id", "old Vertex settings are not supported"),
+        ({"api_type": "google", "vertexai": True, "project": "p",
+          "service_account_json": "{not json"}, "service_account_json", "not valid JSON"),
+        ({"api_type": "google", "image_fetch_max_bytes": 0}, "image_fetch_max_bytes",
+         "at least 1"),
+    ],
+)
+def test_google_connection_errors(conn: dict[str, Any], path: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        _one_connection(conn)
+    assert info.value.path == f"connections.c.{path}"
+    assert words in info.value.message
+
+
+def test_google_vertex_express_mode_needs_only_a_key() -> None:
+    conn = _one_connection({"api_type": "google", "vertexai": True, "api_key": "k"})
+    assert conn.vertexai
+    assert conn.project is None
