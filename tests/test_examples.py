@@ -16,6 +16,10 @@ ENV = {
     "DEMO_KEY": "demo",
     "BACKEND_A_URL": "http://127.0.0.1:8001/v1",
     "BACKEND_B_URL": "http://127.0.0.1:8002/v1",
+    "ANTHROPIC_API_KEY": "sk-ant",
+    "GEMINI_API_KEY": "g",
+    "GOOGLE_CLOUD_PROJECT": "p",
+    "GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent/sa.json",
 }
 
 
