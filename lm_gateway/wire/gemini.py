@@ -702,8 +702,9 @@ class GeminiStreamTranslator:
     """Gemini stream chunks -> OpenAI chunks.
 
     Each event is a whole ``GenerateContentResponse``; function calls arrive complete, so each
-    becomes one tool-call delta with the full arguments. ``done`` once every candidate reported
-    a ``finishReason`` (Gemini sends no end marker; the body just ends).
+    becomes one tool-call delta with the full arguments. Gemini sends no end marker (the body
+    just ends, and usage may come after the last ``finishReason``), so ``done`` is only set by
+    :meth:`finish` at the end of the body.
     """
 
     def __init__(self, connection: str, info: RequestInfo) -> None:
@@ -764,7 +765,6 @@ class GeminiStreamTranslator:
                 chunks.append(self._chunk(0, {"role": "assistant", "content": ""}))
                 chunks.append(self._chunk(0, {}, "content_filter"))
                 self._finished[0] = "content_filter"
-                self.done = True
             return chunks
         for position, candidate in enumerate(candidates):
             if not isinstance(candidate, dict):
@@ -801,8 +801,6 @@ class GeminiStreamTranslator:
                 mapped = finish_reason(reason, has_tool_calls=index in self._tools)
                 self._finished[index] = mapped
                 chunks.append(self._chunk(index, {}, mapped))
-        if len(self._finished) >= self._info.candidates:
-            self.done = True
         return chunks
 
     def finish(self) -> list[JSONObject]:
