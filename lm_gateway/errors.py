@@ -273,7 +273,7 @@ def upstream_status_error(
             connection=connection,
         )
     if 400 <= status < 500:
-        return UpstreamError(
+        error = UpstreamError(
             message or f"The upstream provider rejected the request (HTTP {status}).",
             status=status,
             error_type=error_type
@@ -285,6 +285,8 @@ def upstream_status_error(
             connection=connection,
             extra=extra,
         )
+        error.code = code  # the provider's own code, or none: not our "upstream_error"
+        return error
     return UpstreamError(
         f"The upstream provider failed (HTTP {status}) on connection {connection!r}.",
         status=status if status >= 500 else 502,

@@ -124,14 +124,20 @@ def _unsupported(param: str, why: str) -> NotSupported:
     )
 
 
-def _text_of_parts(content: Any, param: str, *, allow_refusal: bool = False) -> list[JSONObject]:
-    """Text blocks of a system/assistant/tool message (strings or text parts)."""
+def _text_of_parts(
+    content: Any, param: str, *, allow_refusal: bool = False, start: int = 0
+) -> list[JSONObject]:
+    """Text blocks of a system/assistant/tool message (strings or text parts).
+
+    ``start`` is the index of the first part in the message (for error messages when called
+    on a slice). Whitespace-only text is dropped: Anthropic rejects blocks without content.
+    """
     if content is None:
         return []
     if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
+        return [{"type": "text", "text": content}] if content.strip() else []
     blocks: list[JSONObject] = []
-    for j, part in enumerate(content):
+    for j, part in enumerate(content, start):
         kind = part.get("type")
         if kind == "text" or (allow_refusal and kind == "refusal"):
             text = part.get("text") if kind == "text" else part.get("refusal")
@@ -140,7 +146,7 @@ def _text_of_parts(content: Any, param: str, *, allow_refusal: bool = False) -> 
                     f"'{param}[{j}]' needs a string '{'text' if kind == 'text' else 'refusal'}'.",
                     param=f"{param}[{j}]",
                 )
-            if text:
+            if text.strip():
                 block: JSONObject = {"type": "text", "text": text}
                 if "cache_control" in part:
                     block["cache_control"] = part["cache_control"]
@@ -183,13 +189,13 @@ def _user_blocks(content: Any, param: str) -> list[JSONObject]:
     if content is None:
         return []
     if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
+        return [{"type": "text", "text": content}] if content.strip() else []
     blocks: list[JSONObject] = []
     for j, part in enumerate(content):
         kind = part.get("type")
         where = f"{param}[{j}]"
         if kind == "text":
-            blocks.extend(_text_of_parts([part], param))
+            blocks.extend(_text_of_parts([part], param, start=j))
         elif kind == "image_url":
             blocks.append(_image_block(part, where))
         elif kind == "file":
@@ -330,7 +336,7 @@ def convert_messages(
         if message["role"] == "user":
             blocks = message["content"]
             results = [b for b in blocks if b["type"] == "tool_result"]
-            if results and blocks[0]["type"] != "tool_result":
+            if results and blocks[: len(results)] != results:
                 message["content"] = results + [b for b in blocks if b["type"] != "tool_result"]
     return system, out
 
@@ -448,6 +454,12 @@ def to_anthropic_request(
                 f"anthropic-version {options.version} samples with the model's defaults only; "
                 f"remove it, or set the connection's anthropic_version to 2023-06-01",
             )
+        if key == "top_k" and (not isinstance(value, int) or value < 0):
+            raise InvalidRequest(
+                f"'top_k' must be a whole number of at least 0 (got {value}).",
+                param=key,
+                code="invalid_value",
+            )
         if key in ("temperature", "top_p") and not 0 <= value <= 1:
             if drop:
                 continue
@@ -526,10 +538,22 @@ def to_anthropic_request(
                 # Thinking counts toward max_tokens and the budget must be below it: give the
                 # answer the room the client asked for on top of the thinking budget.
                 request["max_tokens"] = budget + request["max_tokens"]
-    if info.json_tool and request.get("thinking", {}).get("type") == "enabled":
+    manual_thinking = request.get("thinking", {}).get("type") == "enabled"
+    if info.json_tool and manual_thinking:
         raise _unsupported(
             "response_format", "json_object forces a tool, which Anthropic refuses with thinking"
         )
+    if manual_thinking and request.get("tool_choice", {}).get("type") in ("any", "tool"):
+        raise _unsupported(
+            "tool_choice",
+            "Anthropic cannot force a tool while thinking is on (use 'auto', or no "
+            "reasoning_effort)",
+        )
+    if manual_thinking and request.get("temperature", 1) != 1:
+        if drop:
+            del request["temperature"]
+        else:
+            raise _unsupported("temperature", "with thinking on, Anthropic only samples at 1")
     if body.get("stream"):
         request["stream"] = True
     return request, info
@@ -582,6 +606,7 @@ def from_anthropic_response(message: JSONObject, info: RequestInfo) -> JSONObjec
             "The upstream provider sent a message without content.",
             detail=f"keys: {sorted(message)[:20]}",
         )
+    json_answer: str | None = None
     texts: list[str] = []
     reasoning: list[str] = []
     thinking_blocks: list[JSONObject] = []
@@ -604,7 +629,7 @@ def from_anthropic_response(message: JSONObject, info: RequestInfo) -> JSONObjec
         elif kind == "tool_use":
             arguments = orjson.dumps(block.get("input") or {}).decode()
             if info.json_tool and block.get("name") == JSON_TOOL:
-                texts.append(arguments)
+                json_answer = arguments
                 continue
             tool_calls.append(
                 {
@@ -613,6 +638,8 @@ def from_anthropic_response(message: JSONObject, info: RequestInfo) -> JSONObjec
                     "function": {"name": block.get("name"), "arguments": arguments},
                 }
             )
+    if json_answer is not None:
+        texts = [json_answer]  # text around the forced tool would break the JSON
     stop_reason = message.get("stop_reason")
     result: JSONObject = {
         "role": "assistant",
@@ -672,6 +699,13 @@ class AnthropicStreamTranslator:
         self._stop_details: Any = None
         self._started = False
         self._finished = False
+        self._thinking_count = 0
+
+    def _next_thinking_index(self) -> int:
+        # Stream accumulators (the openai SDK's among them) merge list entries by "index".
+        index = self._thinking_count
+        self._thinking_count += 1
+        return index
 
     def _chunk(self, delta: JSONObject, finish: str | None = None) -> JSONObject:
         return {
@@ -733,11 +767,12 @@ class AnthropicStreamTranslator:
         if kind == "text" and block.get("text"):
             return [self._chunk({"content": block["text"]})]
         if kind == "redacted_thinking":
-            return [
-                self._chunk(
-                    {"thinking_blocks": [{"type": "redacted_thinking", "data": block.get("data")}]}
-                )
-            ]
+            entry = {
+                "index": self._next_thinking_index(),
+                "type": "redacted_thinking",
+                "data": block.get("data"),
+            }
+            return [self._chunk({"thinking_blocks": [entry]})]
         if kind == "tool_use":
             if self._info.json_tool and block.get("name") == JSON_TOOL:
                 return []
@@ -760,6 +795,8 @@ class AnthropicStreamTranslator:
             index, {"type": None, "text": "", "signature": "", "args": False, "name": None}
         )
         if kind == "text_delta":
+            if self._info.json_tool:
+                return []  # in json_object mode the answer is the forced tool's input alone
             text = delta.get("text") or ""
             return [self._chunk({"content": text})] if text else []
         if kind == "thinking_delta":
@@ -786,7 +823,12 @@ class AnthropicStreamTranslator:
         if not state:
             return []
         if state["type"] == "thinking":
-            block = {"type": "thinking", "thinking": state["text"], "signature": state["signature"]}
+            block = {
+                "index": self._next_thinking_index(),
+                "type": "thinking",
+                "thinking": state["text"],
+                "signature": state["signature"],
+            }
             return [self._chunk({"thinking_blocks": [block]})]
         if state["type"] == "tool_use" and not state["args"]:
             # A call without arguments streams no input at all; OpenAI clients expect "{}".
