@@ -685,7 +685,12 @@ class SSERelay:
     def _finish(self, outcome: Outcome, status: int) -> None:
         record = self._record
         tally = self._tally
-        record.usage = tally.usage
+        usage = tally.usage
+        if usage is None and outcome != "ok":
+            # Interrupted before the final usage chunk: what the provider reported so far.
+            partial = getattr(self._upstream, "partial_usage", None)
+            usage = partial if isinstance(partial, dict) else None
+        record.usage = usage
         record.chunks = tally.chunks
         record.finish_reasons = list(tally.finish_reasons.values())
         if record.finish(outcome, status):

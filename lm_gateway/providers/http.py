@@ -97,6 +97,9 @@ class StreamTranslator(Protocol):
         """
         ...
 
+    # Optional: ``usage_so_far() -> OpenAI usage | None``, what the provider reported before a
+    # failure or a cancellation (so an interrupted stream is still accounted for).
+
 
 class HTTPUpstream:
     """One pooled ``httpx2.AsyncClient`` configured from an :class:`HTTPConnection`.
@@ -263,6 +266,7 @@ class SSEChatStream:
         self._bytes: AsyncIterator[bytes] = response.aiter_bytes()
         self._ended = False
         self._closed = False
+        self._pending_error: UpstreamError | None = None
 
     async def read_limited(self) -> bytes:
         """Read (a bounded amount of) a non-stream answer, e.g. an error body."""
@@ -279,17 +283,34 @@ class SSEChatStream:
             pass  # what was read so far is all the detail there will be
         return b"".join(parts)
 
+    @property
+    def partial_usage(self) -> JSONObject | None:
+        """OpenAI-shaped usage reported so far (for a stream that failed or was cancelled)."""
+        usage_so_far = getattr(self._translator, "usage_so_far", None)
+        return usage_so_far() if callable(usage_so_far) else None
+
     def _translate(self, events: list[SSEEvent]) -> list[JSONObject]:
         chunks: list[JSONObject] = []
         translator = self._translator
         for event in events:
             if translator.done:
                 break  # nothing after the terminal event belongs to the answer
-            chunks.extend(translator.feed(event))
+            try:
+                chunks.extend(translator.feed(event))
+            except UpstreamError as error:
+                if not chunks:
+                    raise
+                # Chunks that came in the same read as the error still go out first.
+                self._pending_error = error
+                break
         return chunks
 
     async def receive(self) -> list[JSONObject]:
         while True:
+            if self._pending_error is not None:
+                error, self._pending_error = self._pending_error, None
+                self._ended = True
+                raise error
             if self._ended:
                 return []
             try:

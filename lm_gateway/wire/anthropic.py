@@ -751,7 +751,7 @@ class AnthropicStreamTranslator:
         if isinstance(message.get("usage"), dict):
             self._usage = dict(message["usage"])
         self._started = True
-        return [self._chunk({"role": "assistant", "content": ""})]
+        return [self._chunk({"role": "assistant"})]
 
     def _on_content_block_start(self, data: JSONObject) -> list[JSONObject]:
         index = data.get("index", 0)
@@ -877,6 +877,10 @@ class AnthropicStreamTranslator:
                 }
             )
         return chunks
+
+    def usage_so_far(self) -> JSONObject | None:
+        """The usage reported until now (cumulative), in OpenAI's fields."""
+        return translate_usage(self._usage) if self._usage else None
 
     def finish(self) -> list[JSONObject]:
         if self.done:

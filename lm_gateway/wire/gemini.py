@@ -22,6 +22,7 @@ provider beforehand and handed in as bytes. The rules (tables in ``doc/providers
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import re
 import secrets
@@ -101,6 +102,11 @@ class RequestInfo:
     candidates: int = 1
 
 
+def is_gemini_3(model: str) -> bool:
+    """Gemini 3 models use thinking levels and require thought signatures on function calls."""
+    return model.removeprefix("models/").startswith("gemini-3")
+
+
 def _obj(value: Any) -> JSONObject:
     """``value`` if it is a JSON object, else an empty one (tolerant reading of answers)."""
     return value if isinstance(value, dict) else {}
@@ -117,17 +123,48 @@ def _unsupported(param: str, why: str) -> NotSupported:
 # -- schemas ---------------------------------------------------------------------------------
 
 
-def to_gemini_schema(schema: Any, *, vertex: bool = False) -> Any:
-    """A JSON schema in Gemini's OpenAPI subset: refs inlined, unsupported keywords dropped.
+class _NotInSubset(Exception):
+    """The schema uses something Gemini's OpenAPI subset cannot say exactly."""
 
-    ``additionalProperties`` is kept for Vertex AI only (the Developer API refuses it).
-    Returns None for an object schema without properties (Gemini rejects those; the caller
-    omits the schema).
+
+#: Nodes a converted schema may have; beyond it (a shared definition inlined over and over)
+#: the JSON-schema field is used instead of an exponentially growing subset.
+_SCHEMA_NODE_BUDGET = 10_000
+
+
+def to_gemini_schema(schema: Any, *, vertex: bool = False) -> Any:
+    """A JSON schema in Gemini's OpenAPI subset: refs inlined, unsupported keywords dropped,
+    ``propertyOrdering`` added (so structured output keeps the schema's key order).
+
+    ``additionalProperties: false`` is dropped (the Developer API refuses the keyword; it only
+    forbids extra keys); other ``additionalProperties`` are kept for Vertex AI only.
+
+    Returns:
+        The converted schema, or None for a top-level object without properties (Gemini
+        rejects those; the caller omits the schema).
+
+    Raises:
+        _NotInSubset: the subset cannot express the schema exactly (a recursive ``$ref``, an
+            object without properties inside it, a typed map on the Developer API, or a size
+            that would explode); use :func:`schema_fields`, which falls back to JSON Schema.
     """
     if not isinstance(schema, dict):
         return schema
     defs = {**schema.get("$defs", {}), **schema.get("definitions", {})}
-    return _subset(schema, defs, vertex, depth=0)
+    return _Subset(defs, vertex).convert(schema, depth=0, refs=())
+
+
+def schema_fields(schema: Any, *, vertex: bool, subset_key: str, json_key: str) -> JSONObject:
+    """The request fields that carry ``schema``: ``{subset_key: converted}`` when Gemini's
+    subset can say it exactly, else ``{json_key: schema}`` (JSON Schema, taken as is); ``{}``
+    for an object without properties (a tool without arguments)."""
+    if not isinstance(schema, dict) or not schema:
+        return {}
+    try:
+        converted = to_gemini_schema(schema, vertex=vertex)
+    except _NotInSubset:
+        return {json_key: schema}
+    return {subset_key: converted} if converted else {}
 
 
 def _resolve(ref: str, defs: Mapping[str, Any]) -> Any:
@@ -135,75 +172,90 @@ def _resolve(ref: str, defs: Mapping[str, Any]) -> Any:
     return defs.get(name)
 
 
-def _subset(node: Any, defs: Mapping[str, Any], vertex: bool, depth: int) -> Any:
-    if depth > 32:  # a recursive $ref: Gemini cannot express it; stop with a plain object
-        return {"type": "object"}
-    if isinstance(node, list):
-        return [_subset(n, defs, vertex, depth + 1) for n in node]
-    if not isinstance(node, dict):
-        return node
-    if "$ref" in node:
-        target = _resolve(str(node["$ref"]), defs)
-        merged = {
-            **(target if isinstance(target, dict) else {}),
-            **{k: v for k, v in node.items() if k != "$ref"},
-        }
-        return _subset(merged, defs, vertex, depth + 1)
-    out: JSONObject = {}
-    for key, value in node.items():
-        if key in ("properties",) and isinstance(value, dict):
-            out[key] = {k: _subset(v, defs, vertex, depth + 1) for k, v in value.items()}
-        elif key in ("items",):
-            out[key] = _subset(value, defs, vertex, depth + 1)
-        elif key in ("anyOf", "oneOf") and isinstance(value, list):
-            options = [_subset(v, defs, vertex, depth + 1) for v in value]
-            nulls = [o for o in options if isinstance(o, dict) and o.get("type") == "null"]
-            rest = [o for o in options if o not in nulls]
-            if nulls:
-                out["nullable"] = True
-            if len(rest) == 1 and isinstance(rest[0], dict):
-                out.update(rest[0])
-            elif rest:
-                out["anyOf"] = rest
-        elif key == "allOf" and isinstance(value, list):
-            for part in value:
-                resolved = _subset(part, defs, vertex, depth + 1)
-                if isinstance(resolved, dict):
-                    for k, v in resolved.items():
-                        if k == "properties" and isinstance(out.get(k), dict):
-                            out[k] = {**out[k], **v}
-                        elif k == "required" and isinstance(out.get(k), list):
-                            out[k] = [*out[k], *v]
-                        else:
-                            out.setdefault(k, v)
-        elif key == "type" and isinstance(value, list):
-            types = [t for t in value if t != "null"]
-            if len(types) < len(value):
-                out["nullable"] = True
-            if len(types) == 1:
-                out["type"] = types[0]
-            elif types:
-                out["anyOf"] = [{"type": t} for t in types]
-        elif key == "const":
-            out["enum"] = [value if isinstance(value, str) else orjson.dumps(value).decode()]
-        elif key == "enum" and isinstance(value, list):
-            out["enum"] = [v if isinstance(v, str) else orjson.dumps(v).decode() for v in value]
-            out.setdefault("type", "string")
-        elif key == "additionalProperties":
-            if vertex and isinstance(value, bool | dict):
-                out[key] = _subset(value, defs, vertex, depth + 1)
-        elif key in _SCHEMA_KEYS:
-            out[key] = value
-    if out.get("type") == "object" and not out.get("properties"):
-        if depth == 0:
-            return None
-        out.pop("required", None)
-    if isinstance(out.get("properties"), dict):
-        props = {k: v for k, v in out["properties"].items() if v is not None}
-        out["properties"] = props
-        if isinstance(out.get("required"), list):
-            out["required"] = [r for r in out["required"] if r in props]
-    return out
+class _Subset:
+    def __init__(self, defs: Mapping[str, Any], vertex: bool) -> None:
+        self.defs = defs
+        self.vertex = vertex
+        self.nodes = 0
+
+    def convert(self, node: Any, *, depth: int, refs: tuple[str, ...]) -> Any:
+        self.nodes += 1
+        if self.nodes > _SCHEMA_NODE_BUDGET:
+            raise _NotInSubset("schema too large once references are inlined")
+        if isinstance(node, list):
+            return [self.convert(n, depth=depth + 1, refs=refs) for n in node]
+        if not isinstance(node, dict):
+            return node
+        if "$ref" in node:
+            ref = str(node["$ref"])
+            if ref in refs:
+                raise _NotInSubset(f"recursive reference {ref}")
+            target = _resolve(ref, self.defs)
+            merged = {
+                **(target if isinstance(target, dict) else {}),
+                **{k: v for k, v in node.items() if k != "$ref"},
+            }
+            return self.convert(merged, depth=depth + 1, refs=(*refs, ref))
+        sub = functools.partial(self.convert, depth=depth + 1, refs=refs)
+        out: JSONObject = {}
+        for key, value in node.items():
+            if key == "properties" and isinstance(value, dict):
+                out[key] = {k: sub(v) for k, v in value.items()}
+            elif key == "items":
+                out[key] = sub(value)
+            elif key in ("anyOf", "oneOf") and isinstance(value, list):
+                options = [sub(v) for v in value]
+                nulls = [o for o in options if isinstance(o, dict) and o.get("type") == "null"]
+                rest = [o for o in options if o not in nulls]
+                if nulls:
+                    out["nullable"] = True
+                if len(rest) == 1 and isinstance(rest[0], dict):
+                    out.update(rest[0])
+                elif rest:
+                    out["anyOf"] = rest
+            elif key == "allOf" and isinstance(value, list):
+                for part in value:
+                    resolved = sub(part)
+                    if isinstance(resolved, dict):
+                        for k, v in resolved.items():
+                            if k == "properties" and isinstance(out.get(k), dict):
+                                out[k] = {**out[k], **v}
+                            elif k == "required" and isinstance(out.get(k), list):
+                                out[k] = [*out[k], *v]
+                            else:
+                                out.setdefault(k, v)
+            elif key == "type" and isinstance(value, list):
+                types = [t for t in value if t != "null"]
+                if len(types) < len(value):
+                    out["nullable"] = True
+                if len(types) == 1:
+                    out["type"] = types[0]
+                elif types:
+                    out["anyOf"] = [{"type": t} for t in types]
+            elif key == "const":
+                out["enum"] = [value if isinstance(value, str) else orjson.dumps(value).decode()]
+            elif key == "enum" and isinstance(value, list):
+                out["enum"] = [v if isinstance(v, str) else orjson.dumps(v).decode() for v in value]
+                out.setdefault("type", "string")
+            elif key == "additionalProperties":
+                if value is False:
+                    continue  # "no extra keys": nothing the subset needs to say
+                if not self.vertex:
+                    raise _NotInSubset("additionalProperties on the Developer API")
+                out[key] = sub(value) if isinstance(value, dict) else value
+            elif key in _SCHEMA_KEYS:
+                out[key] = value
+        if out.get("type") == "object" and not out.get("properties"):
+            if depth == 0:
+                return None
+            raise _NotInSubset("an object without properties")
+        props = out.get("properties")
+        if isinstance(props, dict):
+            if isinstance(out.get("required"), list):
+                out["required"] = [r for r in out["required"] if r in props]
+            if len(props) > 1:
+                out.setdefault("propertyOrdering", list(props))
+        return out
 
 
 # -- requests --------------------------------------------------------------------------------
@@ -325,7 +377,7 @@ def convert_messages(
     system: list[JSONObject] = []
     contents: list[JSONObject] = []
     names: dict[str, str] = {}  # tool call id -> function name
-    needs_signature = model.startswith(("gemini-3", "models/gemini-3"))
+    needs_signature = is_gemini_3(model)
 
     def add(role: str, parts: list[JSONObject]) -> None:
         if not parts:
@@ -347,6 +399,16 @@ def convert_messages(
             signature = _signature_of(message)
             if signature and parts:
                 parts[-1]["thoughtSignature"] = signature
+            elif signature:
+                # The signature came on a part of its own (a thought); send that part back.
+                thought = message.get("reasoning_content")
+                parts.append(
+                    {
+                        "thought": True,
+                        "text": thought if isinstance(thought, str) else "",
+                        "thoughtSignature": signature,
+                    }
+                )
             calls = list(message.get("tool_calls") or [])
             legacy = message.get("function_call")
             if isinstance(legacy, dict):
@@ -423,9 +485,14 @@ def _tools(body: JSONObject, options: GeminiOptions) -> list[JSONObject] | None:
         declaration: JSONObject = {"name": name}
         if isinstance(function.get("description"), str) and function["description"]:
             declaration["description"] = function["description"]
-        schema = to_gemini_schema(function.get("parameters"), vertex=options.vertex)
-        if schema:
-            declaration["parameters"] = schema
+        declaration.update(
+            schema_fields(
+                function.get("parameters"),
+                vertex=options.vertex,
+                subset_key="parameters",
+                json_key="parametersJsonSchema",
+            )
+        )
         declarations.append(declaration)
     return [{"functionDeclarations": declarations}]
 
@@ -549,16 +616,21 @@ def to_gemini_request(
                     param="response_format",
                 )
             generation["responseMimeType"] = "application/json"
-            converted = to_gemini_schema(schema, vertex=options.vertex)
-            if converted:
-                generation["responseSchema"] = converted
+            generation.update(
+                schema_fields(
+                    schema,
+                    vertex=options.vertex,
+                    subset_key="responseSchema",
+                    json_key="responseJsonSchema",
+                )
+            )
         elif kind not in (None, "text"):
             raise InvalidRequest(f"Unknown response_format type {kind!r}.", param="response_format")
     effort = body.get("reasoning_effort")
     if isinstance(effort, str):
         if effort not in THINKING_BUDGETS:
             raise InvalidRequest(f"Unknown reasoning_effort {effort!r}.", param="reasoning_effort")
-        if "gemini-3" in model:
+        if is_gemini_3(model):
             thinking: JSONObject = {"thinkingLevel": THINKING_LEVELS[effort]}
         else:
             thinking = {"thinkingBudget": THINKING_BUDGETS[effort]}
@@ -653,7 +725,7 @@ def from_gemini_response(response: JSONObject, info: RequestInfo) -> JSONObject:
                 (thoughts if part.get("thought") else texts).append(text)
         message: JSONObject = {
             "role": "assistant",
-            "content": "".join(texts) if texts or not calls else None,
+            "content": "".join(texts) if texts else None,
             "refusal": None,
         }
         if thoughts:
@@ -762,7 +834,7 @@ class GeminiStreamTranslator:
             feedback = data.get("promptFeedback")
             if isinstance(feedback, dict) and feedback.get("blockReason"):
                 self._blocked = True
-                chunks.append(self._chunk(0, {"role": "assistant", "content": ""}))
+                chunks.append(self._chunk(0, {"role": "assistant"}))
                 chunks.append(self._chunk(0, {}, "content_filter"))
                 self._finished[0] = "content_filter"
             return chunks
@@ -773,7 +845,7 @@ class GeminiStreamTranslator:
             index = index if isinstance(index, int) else position
             if index not in self._started:
                 self._started.add(index)
-                chunks.append(self._chunk(index, {"role": "assistant", "content": ""}))
+                chunks.append(self._chunk(index, {"role": "assistant"}))
             content = _obj(candidate.get("content"))
             for part in content.get("parts") or []:
                 if not isinstance(part, dict):
@@ -802,6 +874,10 @@ class GeminiStreamTranslator:
                 self._finished[index] = mapped
                 chunks.append(self._chunk(index, {}, mapped))
         return chunks
+
+    def usage_so_far(self) -> JSONObject | None:
+        """The usage reported until now (Gemini's is cumulative), in OpenAI's fields."""
+        return translate_usage(self._usage)
 
     def finish(self) -> list[JSONObject]:
         if not self._finished:
