@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Mapping
+import ipaddress
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -141,3 +142,66 @@ def normalize_check_result(result: Any, where: str) -> KeyCheckResult | None:
         detail=f"{where} returned {type(result).__name__}; expected a group name, "
         "(group, user_info) or None",
     )
+
+
+def _forwarded_for(headers: Mapping[str, str]) -> list[str]:
+    """The client chain a proxy reported: ``Forwarded: for=...`` (RFC 7239) or
+    ``X-Forwarded-For``, leftmost = the original client. Ports and brackets are removed."""
+    chain: list[str] = []
+    forwarded = headers.get("forwarded")
+    if forwarded:
+        for element in forwarded.split(","):
+            for pair in element.split(";"):
+                name, _, value = pair.strip().partition("=")
+                if name.strip().lower() == "for" and value:
+                    chain.append(_strip_port(value.strip().strip('"')))
+        if chain:
+            return chain
+    xff = headers.get("x-forwarded-for")
+    if xff:
+        chain = [_strip_port(item.strip()) for item in xff.split(",") if item.strip()]
+    return chain
+
+
+def _strip_port(value: str) -> str:
+    if value.startswith("["):  # [2001:db8::1]:4711
+        return value[1:].split("]", 1)[0]
+    if value.count(":") == 1:  # 192.0.2.1:8080
+        return value.split(":", 1)[0]
+    return value
+
+
+def client_ip(
+    peer: str | None,
+    headers: Mapping[str, str],
+    trusted: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
+) -> str | None:
+    """The client's address: the socket peer, unless the peer is a trusted proxy.
+
+    Behind trusted proxies, the ``Forwarded``/``X-Forwarded-For`` chain is read from the right
+    (the nearest hop) and the first address that is not itself a trusted proxy is the client:
+    addresses further left were written by the client or untrusted hops and prove nothing.
+    Without trusted proxies the headers are ignored (lm-proxy believed them from anyone, which
+    made IP limits and logged addresses spoofable).
+    """
+    if peer is None or not trusted or not _is_trusted(peer, trusted):
+        return peer
+    chain = _forwarded_for(headers)
+    for address in reversed(chain):
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            return peer  # a hop we cannot read: do not guess beyond it
+        if not _is_trusted(address, trusted):
+            return address
+    return chain[0] if chain else peer
+
+
+def _is_trusted(
+    address: str, trusted: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted)

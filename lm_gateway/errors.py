@@ -14,7 +14,10 @@ its OpenAI error ``type``/``code``, so the HTTP edge turns any of them into the 
         ├── NotFound                     404  (ModelNotFound: model_not_found)
         ├── RequestTooLarge              413
         ├── ServiceDisabled              503  service_disabled
-        ├── NotSupported                 400/501  a feature a connection cannot serve
+        ├── NotSupported                 400  a feature a connection cannot serve
+        ├── RequestRejected              any  a request handler said no (also framework errors)
+        ├── RateLimited                  429  the gateway's own rate limit, with Retry-After
+        ├── AuthUnavailable              503  the key-validation service could not be asked
         ├── InternalError                500  a bug or a broken extension (logged with traceback)
         └── UpstreamError                the provider answered with an error (status kept)
             ├── UpstreamUnreachable      502  connect failure, connection reset
@@ -149,18 +152,61 @@ class NotSupported(GatewayError):
     default_code = "unsupported"
 
 
-class HTTPStatusError(GatewayError):
-    """An error the web framework raised (408 request timeout, ...), with its own status."""
+class RequestRejected(GatewayError):
+    """A refusal with any status: raised by request handlers (and for the framework's own
+    errors, such as a 408 when the body does not arrive in time).
+
+    Args:
+        message: shown to the client.
+        status: the HTTP status (400 by default).
+        error_type: the OpenAI error ``type`` (``invalid_request_error`` by default).
+    """
 
     type = "invalid_request_error"
 
-    def __init__(self, message: str, *, status: int, code: str | None = None) -> None:
-        super().__init__(message, code=code)
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        error_type: str | None = None,
+        code: str | None = None,
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        detail: str | None = None,
+    ) -> None:
+        super().__init__(message, code=code, param=param, headers=headers, detail=detail)
         self._status = status
+        self._type = error_type
 
     @property
     def http_status(self) -> int:
         return self._status
+
+    def to_body(self, *, debug: bool = False) -> dict[str, Any]:
+        body = super().to_body(debug=debug)
+        if self._type:
+            body["error"]["type"] = self._type
+        return body
+
+
+HTTPStatusError = RequestRejected
+
+
+class RateLimited(GatewayError):
+    """A rate limit of the gateway itself was reached (429, with ``Retry-After``)."""
+
+    status = 429
+    type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+
+class AuthUnavailable(GatewayError):
+    """The service that validates keys could not be asked (503): not the same as a bad key."""
+
+    status = 503
+    type = "service_unavailable"
+    default_code = "auth_unavailable"
 
 
 class InternalError(GatewayError):

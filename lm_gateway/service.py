@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import ipaddress
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -42,11 +43,13 @@ from .auth import (
     ConfigKeyCheck,
     KeyCheckResult,
     api_key_id,
+    client_ip,
     extract_api_key,
     normalize_check_result,
 )
-from .config.model import Config, Group
+from .config.model import Config, ExtensionRef, Group
 from .config.resolve import resolve_extension
+from .context import Outcome, RequestContext
 from .errors import (
     AuthenticationFailed,
     ConfigError,
@@ -54,10 +57,11 @@ from .errors import (
     InternalError,
     ModelNotFound,
     PermissionDenied,
+    RequestRejected,
     ServiceDisabled,
     UpstreamError,
 )
-from .observability import Outcome, RecordSink, RequestRecord
+from .observability import RecordSink
 from .providers import ChatCall, ChatStream, Connection, build_connection, close_quietly
 from .providers.fanout import fan_out_chat, fan_out_stream, has_native_n
 from .routing import Route, Router, allowed_model, is_pattern
@@ -108,6 +112,35 @@ class StreamReply:
     body: SSERelay
     status: int = 200
     headers: dict[str, str] = attrs.field(factory=lambda: dict(SSE_HEADERS))
+
+
+@attrs.frozen
+class Handler:
+    """A resolved before-handler and how to call it."""
+
+    call: Callable[[RequestContext], Any]
+    is_async: bool
+    inline: bool
+    where: str
+
+
+def _rejection_from(exc: Exception) -> GatewayError | None:
+    """lm-proxy's ``OpenAIHTTPException`` and HTTP exceptions with a ``status_code`` (FastAPI's)
+    as our error; None for anything else."""
+    status = getattr(exc, "status_code", None)
+    if not isinstance(status, int) or not 400 <= status < 600:
+        return None
+    message = getattr(exc, "message", None) or getattr(exc, "detail", None) or str(exc)
+    if isinstance(message, dict):
+        message = message.get("message") or str(message)
+    headers = getattr(exc, "headers", None)
+    return RequestRejected(
+        str(message) or f"Request refused (HTTP {status}).",
+        status=status,
+        error_type=getattr(exc, "error_type", None) or getattr(exc, "type", None),
+        code=getattr(exc, "code", None),
+        headers=headers if isinstance(headers, dict) else None,
+    )
 
 
 class RequestScope:
@@ -176,6 +209,12 @@ class Gateway:
         }
         self._model_lists: dict[str, tuple[float, list[dict[str, Any]] | None]] = {}
         self._model_list_locks: dict[str, trio.Lock] = {}
+        self._trusted = tuple(ipaddress.ip_network(n) for n in config.trusted_proxies)
+        self.handlers: list[Handler] = [self._build_handler(ref) for ref in config.before]
+        for extension in self._extensions():
+            settle = getattr(extension, "settle", None)
+            if settle is not None and inspect.iscoroutinefunction(settle):
+                self.records.async_listeners.append(settle)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -189,21 +228,42 @@ class Gateway:
             )
         return out
 
+    def _extensions(self) -> list[Any]:
+        """The objects from the config that may have lifetimes, settlers or ``aclose``."""
+        return [self.key_check, *self.handlers]
+
     async def serve_background(
         self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Run the gateway's background work (record delivery) until :meth:`aclose`."""
-        await self.records.serve(task_status=task_status)
+        """Hold extensions' resources open (``lifetime()``: a Redis client, say) and deliver
+        request records, until :meth:`aclose`; then release them, last opened first.
+
+        Resource handling: the lifetimes are entered before ``task_status.started()``, so once
+        the server accepts requests they are open.
+        """
+        async with contextlib.AsyncExitStack() as stack:
+            for extension in self._extensions():
+                lifetime = getattr(extension, "lifetime", None)
+                if callable(lifetime):
+                    await stack.enter_async_context(lifetime())
+            await self.records.serve(task_status=task_status)
 
     async def aclose(self) -> None:
-        """Close every connection's pool and stop background work after it drains."""
+        """Close every connection's pool and extension, and stop background work after it
+        drains."""
         self.records.close()
         with trio.CancelScope(shield=True), trio.move_on_after(10):
-            for connection in self.connections.values():
+            closers = [(c.name, c.aclose) for c in self.connections.values()]
+            closers += [
+                (type(e).__name__, e.aclose)
+                for e in self._extensions()
+                if callable(getattr(e, "aclose", None))
+            ]
+            for name, close in closers:
                 try:
-                    await connection.aclose()
+                    await close()
                 except Exception:
-                    log.exception("closing connection %r failed", connection.name)
+                    log.exception("closing %r failed", name)
 
     # -- building blocks -----------------------------------------------------------------------
 
@@ -230,16 +290,62 @@ class Gateway:
             )
         return check, is_async, inline
 
-    def _new_record(self, request: IncomingRequest, endpoint: str) -> RequestRecord:
-        return RequestRecord(
+    @staticmethod
+    def _build_handler(ref: ExtensionRef) -> Handler:
+        handler = resolve_extension(ref)
+        if not callable(handler):
+            raise ConfigError(
+                f"a request handler must be callable, not {type(handler).__name__}",
+                ref.config_path,
+            )
+        return Handler(
+            call=handler,
+            is_async=inspect.iscoroutinefunction(handler)
+            or inspect.iscoroutinefunction(getattr(handler, "__call__", None)),  # noqa: B004
+            inline=bool(getattr(handler, "inline", False)),
+            where=ref.config_path,
+        )
+
+    def _new_record(self, request: IncomingRequest, endpoint: str) -> RequestContext:
+        return RequestContext(
             id=request.request_id,
             endpoint=endpoint,
             method=request.method,
             path=request.path,
-            client_addr=request.client_addr,
+            remote_addr=client_ip(request.client_addr, request.headers, self._trusted),
+            headers=request.headers,
         )
 
-    def _error_reply(self, error: GatewayError, record: RequestRecord) -> Reply:
+    async def _run_handlers(self, ctx: RequestContext, group: Group) -> None:
+        """Run the before-handlers in order; each may change the request or refuse it."""
+        for handler in self.handlers:
+            try:
+                if handler.is_async:
+                    await handler.call(ctx)
+                elif handler.inline:
+                    result = handler.call(ctx)
+                    if inspect.isawaitable(result):
+                        await result
+                else:
+                    result = await trio.to_thread.run_sync(handler.call, ctx)
+                    if inspect.isawaitable(result):
+                        await result
+            except GatewayError:
+                raise
+            except Exception as exc:
+                rejection = _rejection_from(exc)
+                if rejection is not None:
+                    raise rejection from exc
+                log.exception("request %s: handler %s failed", ctx.id, handler.where)
+                raise InternalError(
+                    "A request handler failed.", detail=f"{handler.where}: {exc!r}"
+                ) from exc
+        # lm-proxy handlers put upstream headers into llm_params["extra_headers"].
+        extra_headers = (ctx.request or {}).pop("extra_headers", None)
+        if isinstance(extra_headers, dict):
+            ctx.upstream_headers.update({str(k).lower(): str(v) for k, v in extra_headers.items()})
+
+    def _error_reply(self, error: GatewayError, record: RequestContext) -> Reply:
         """Finish ``record`` with ``error`` and build the OpenAI-shaped error answer."""
         status = error.http_status
         outcome: Outcome = (
@@ -254,16 +360,17 @@ class Gateway:
             elif isinstance(error, UpstreamError) and error.detail:
                 log.warning("request %s: %s (%s)", record.id, error.message, error.detail)
             self.records.submit(record)
-        headers = dict(error.headers)
-        headers["x-request-id"] = record.id
+        headers = {**record.response_headers, **error.headers, "x-request-id": record.id}
         return Reply(status, orjson.dumps(error.to_body(debug=self.debug)), headers)
 
-    def _ok_reply(self, record: RequestRecord, body: Any, status: int = 200) -> Reply:
+    def _ok_reply(self, record: RequestContext, body: Any, status: int = 200) -> Reply:
         if record.finish("ok", status):
             self.records.submit(record)
-        return Reply(status, orjson.dumps(body), {"x-request-id": record.id})
+        return Reply(
+            status, orjson.dumps(body), {**record.response_headers, "x-request-id": record.id}
+        )
 
-    def _record_cancelled(self, record: RequestRecord) -> None:
+    def _record_cancelled(self, record: RequestContext) -> None:
         if record.finish("cancelled", 499):
             self.records.submit(record)
 
@@ -271,7 +378,7 @@ class Gateway:
         if not self.config.enabled:
             raise ServiceDisabled("The service is disabled.")
 
-    async def _authenticate(self, request: IncomingRequest, record: RequestRecord) -> Group:
+    async def _authenticate(self, request: IncomingRequest, record: RequestContext) -> Group:
         key = extract_api_key(request.headers)
         if key is None and not getattr(self.key_check, "accepts_missing_key", False):
             raise AuthenticationFailed(
@@ -317,6 +424,31 @@ class Gateway:
             ) from exc
         return normalize_check_result(result, where)
 
+    def _after_handlers(self, ctx: RequestContext, group: Group) -> dict[str, Any]:
+        """Check what the handlers left: a request body, and a route the group may use."""
+        data = ctx.request
+        if not isinstance(data, dict):
+            raise InternalError(
+                "A request handler removed the request.", detail="ctx.request is not a dict"
+            )
+        if ctx.connection not in self.connections:
+            raise InternalError(
+                "A request handler routed the request to an unknown connection.",
+                detail=f"ctx.connection = {ctx.connection!r}",
+            )
+        if not isinstance(ctx.upstream_model, str) or not ctx.upstream_model:
+            raise InternalError(
+                "A request handler left no upstream model.",
+                detail=f"ctx.upstream_model = {ctx.upstream_model!r}",
+            )
+        if not group.allows_connection(ctx.connection):
+            raise PermissionDenied(
+                f"Your API key does not allow using the {ctx.connection!r} connection.",
+                code="connection_not_allowed",
+                param="model",
+            )
+        return data
+
     def _authorize(self, group: Group, route: Route) -> None:
         if not group.allows_connection(route.connection):
             raise PermissionDenied(
@@ -345,7 +477,7 @@ class Gateway:
         self,
         request: IncomingRequest,
         endpoint: str,
-        handle: Callable[[RequestRecord, Group], Awaitable[Reply | StreamReply]],
+        handle: Callable[[RequestContext, Group], Awaitable[Reply | StreamReply]],
     ) -> Reply | StreamReply:
         """The frame every authenticated endpoint shares: enabled check, authentication, and
         turning every failure into an OpenAI-shaped reply with a finished record.
@@ -378,19 +510,23 @@ class Gateway:
     ) -> Reply | StreamReply:
         """Serve ``POST {prefix}/chat/completions`` (see :meth:`_serve` for failures)."""
 
-        async def handle(record: RequestRecord, group: Group) -> Reply | StreamReply:
+        async def handle(record: RequestContext, group: Group) -> Reply | StreamReply:
             data = parse_json_object(request.body)
             validate_chat_request(data)
-            stream = bool(data.get("stream"))
+            record.request = data
             record.model = model = data["model"]
-            record.stream = stream
             route = self.router.resolve(model)
             record.connection = route.connection
             record.upstream_model = route.upstream_model
             self._authorize(group, route)
-            connection = self.connections[route.connection]
+            if self.handlers:
+                await self._run_handlers(record, group)
+                data = self._after_handlers(record, group)
+            stream = bool(data.get("stream"))
+            record.stream = stream
+            connection = self.connections[str(record.connection)]
             client_wants_usage = wants_stream_usage(data)
-            data["model"] = route.upstream_model
+            data["model"] = record.upstream_model
             call = ChatCall(
                 body=data,
                 client_model=model,
@@ -398,6 +534,7 @@ class Gateway:
                 deadline=trio.current_time() + self.config.request_timeout_seconds,
                 request_id=record.id,
                 nursery=scope.nursery,
+                headers=dict(record.upstream_headers),
                 connections=self.connections,
                 client_headers=request.headers,
             )
@@ -411,6 +548,7 @@ class Gateway:
                 record.mark_first_chunk()
                 body = result.body
                 body["model"] = model
+                record.response = body
                 usage = body.get("usage")
                 record.usage = usage if isinstance(usage, dict) else None
                 record.finish_reasons = [
@@ -434,14 +572,17 @@ class Gateway:
             )
             scope.add_closer(relay.aclose)
             await relay.prefetch()
-            return StreamReply(relay, headers={**SSE_HEADERS, "x-request-id": record.id})
+            return StreamReply(
+                relay,
+                headers={**record.response_headers, **SSE_HEADERS, "x-request-id": record.id},
+            )
 
         return await self._serve(request, "chat.completions", handle)
 
     async def list_models(self, request: IncomingRequest) -> Reply | StreamReply:
         """Serve ``GET {prefix}/models``: the models the caller's group may use."""
 
-        async def handle(record: RequestRecord, group: Group) -> Reply:
+        async def handle(record: RequestContext, group: Group) -> Reply:
             entries = await self._model_entries(group)
             return self._ok_reply(record, {"object": "list", "data": entries})
 
@@ -450,7 +591,7 @@ class Gateway:
     async def retrieve_model(self, request: IncomingRequest, model_id: str) -> Reply | StreamReply:
         """Serve ``GET {prefix}/models/{id}``: 404 unless the caller could use that model."""
 
-        async def handle(record: RequestRecord, group: Group) -> Reply:
+        async def handle(record: RequestContext, group: Group) -> Reply:
             record.model = model_id
             entry = await self._model_entry(group, model_id)
             if entry is None:
@@ -571,7 +712,7 @@ class SSERelay:
         self,
         gateway: Gateway,
         upstream: ChatStream,
-        record: RequestRecord,
+        record: RequestContext,
         client_model: str,
         *,
         strip_usage: bool,

@@ -948,10 +948,6 @@ def test_canonical_names(name: str, ours: str) -> None:
 @pytest.mark.parametrize(
     "name",
     [
-        "lm_proxy.api_key_check.CheckAPIKeyWithRequest",
-        "CheckAPIKeyWithRequest",
-        "lm_proxy.handlers.RateLimiter",
-        "RateLimiter",
         "lm_proxy.strategies.Fallback",
         "lm_proxy_db_connector.DBLogger",
     ],
@@ -968,22 +964,20 @@ def test_user_classes_with_builtin_names_are_not_rejected() -> None:
 
 
 @pytest.mark.parametrize(
-    ("check", "error_path"),
+    "check",
     [
-        ("lm_proxy.api_key_check.CheckAPIKeyWithRequest", "api_key_check"),
-        (
-            {
-                "class": "lm_proxy.api_key_check.CheckAPIKeyWithRequest",
-                "url": "https://idp/{api_key}",
-            },
-            "api_key_check.class",
-        ),
+        {"class": "lm_proxy.api_key_check.CheckAPIKeyWithRequest", "url": "https://idp/{api_key}"},
+        {"class": "CheckAPIKeyWithRequest", "url": "https://idp/"},
+        {"class": "lm_gateway.handlers.CheckAPIKeyWithRequest", "url": "https://idp/"},
     ],
 )
-def test_check_api_key_with_request_is_not_supported_yet(check: Any, error_path: str) -> None:
-    err = config_error(with_value(("api_key_check",), check))
-    assert err.path == error_path
-    assert "HTTP/OIDC key validation is not supported yet" in err.message
+def test_check_api_key_with_request_resolves_to_ours(check: Any) -> None:
+    config = build(with_value(("api_key_check",), check))
+    assert config.api_key_check is not None
+    assert config.api_key_check.import_path in (
+        "lm_gateway.handlers.keycheck.CheckAPIKeyWithRequest",
+        "lm_gateway.handlers.CheckAPIKeyWithRequest",
+    )
 
 
 def test_fallback_connection_is_not_supported_yet() -> None:
@@ -997,19 +991,26 @@ def test_fallback_connection_is_not_supported_yet() -> None:
     assert "fallback strategies are not supported yet" in err.message
 
 
-def test_rate_limiter_handler_is_not_supported_yet() -> None:
+def test_before_handlers_resolve_lm_proxy_names() -> None:
     data = minimal()
-    data["before"] = [{"class": "lm_proxy.handlers.RateLimiter", "max_requests": 10}]
-    err = config_error(data)
-    assert err.path == "before[0].class"
-    assert "RateLimiter" in err.message
-    assert "not supported yet" in err.message
+    data["before"] = [
+        {"class": "lm_proxy.handlers.RateLimiter", "max_requests": 10},
+        "lm_proxy.handlers.HTTPHeadersForwarder",
+        "my_pkg.handlers.audit",
+    ]
+    config = build(data)
+    assert [ref.import_path for ref in config.before] == [
+        "lm_gateway.handlers.RateLimiter",
+        "lm_gateway.handlers.HTTPHeadersForwarder",
+        "my_pkg.handlers.audit",
+    ]
+    assert config.before[0].params == {"max_requests": 10}
+    assert config.before[0].config_path == "before[0]"
 
 
 @pytest.mark.parametrize(
     ("key", "value", "words"),
     [
-        ("before", ["my_pkg.handlers.audit"], "request handlers ('before') are not supported yet"),
         ("loggers", [{"class": "my_pkg.Logger"}], "usage loggers are not supported yet"),
         ("loggers", ["lm_proxy.loggers.BaseLogger"], "usage loggers are not supported yet"),
         ("components", {"db": {"class": "my_pkg.init"}}, "components are not supported yet"),

@@ -189,3 +189,7 @@ class Config:
     source: str = "<dict>"
     #: Things that are allowed but probably not what the user meant (logged at startup).
     warnings: tuple[str, ...] = ()
+    #: Before-handlers, in order (each resolved when the gateway is built).
+    before: tuple[ExtensionRef, ...] = ()
+    #: Networks whose ``X-Forwarded-For`` / ``Forwarded`` headers are believed.
+    trusted_proxies: tuple[str, ...] = ()

@@ -19,13 +19,13 @@ LM_PROXY_ALIASES: dict[str, str] = {
     "lm_proxy.api_key_check.allow_all.AllowAll": BUILTIN_ALLOW_ALL,
     "check_api_key_in_config": BUILTIN_CONFIG_KEY_CHECK,
     "AllowAll": BUILTIN_ALLOW_ALL,
+    "CheckAPIKeyWithRequest": "lm_gateway.handlers.keycheck.CheckAPIKeyWithRequest",
+    "RateLimiter": "lm_gateway.handlers.RateLimiter",
+    "HTTPHeadersForwarder": "lm_gateway.handlers.HTTPHeadersForwarder",
 }
 
 #: Built-ins that are planned but not implemented yet, with the reason shown to the user.
 NOT_SUPPORTED_YET: dict[str, str] = {
-    "CheckAPIKeyWithRequest": "HTTP/OIDC key validation is not supported yet",
-    "RateLimiter": "the RateLimiter request handler is not supported yet",
-    "HTTPHeadersForwarder": "the HTTPHeadersForwarder request handler is not supported yet",
     "BaseLogger": "usage loggers are not supported yet",
     "JsonLogWriter": "usage loggers are not supported yet",
     "LogEntryTransformer": "usage loggers are not supported yet",

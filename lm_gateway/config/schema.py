@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import ipaddress
 import json
 import math
 import re
@@ -253,6 +254,41 @@ def _reject_not_supported(name: str, path: str) -> None:
     reason = not_supported_reason(name)
     if reason:
         raise ConfigError(f"{reason} ({name!r})", path)
+
+
+def _extension_list(table: _Table, key: str, *, what: str) -> tuple[ExtensionRef, ...]:
+    """A list of extension references (``before = [...]``); absent or empty -> ()."""
+    value = table.raw(key)
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        value = [value]
+    return tuple(
+        _extension(item, join_path(join_path(table.path, key), i), what=what)
+        for i, item in enumerate(value)
+    )
+
+
+def _trusted_proxies(table: _Table) -> tuple[str, ...]:
+    value = table.raw("trusted_proxies")
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    if not isinstance(value, list):
+        table.fail(
+            "trusted_proxies", f"expected a list of addresses or networks, got {_type_name(value)}"
+        )
+    out = []
+    for i, item in enumerate(value):
+        path = join_path(join_path(table.path, "trusted_proxies"), i)
+        if not isinstance(item, str):
+            raise ConfigError(f"expected an address or network, got {_type_name(item)}", path)
+        try:
+            out.append(str(ipaddress.ip_network(item.strip(), strict=False)))
+        except ValueError as exc:
+            raise ConfigError(f"not an IP address or network: {item!r}", path) from exc
+    return tuple(out)
 
 
 def _fail_later_feature(table: _Table, key: str, reason: str) -> None:
@@ -751,7 +787,8 @@ def build_config(
             "ssl_certfile and ssl_keyfile must be set together",
         )
 
-    _fail_later_feature(t, "before", "request handlers ('before') are not supported yet")
+    before = _extension_list(t, "before", what="request handler")
+    trusted = _trusted_proxies(t)
     _fail_later_feature(t, "loggers", "usage loggers are not supported yet")
     _fail_later_feature(t, "components", "components are not supported yet")
     if t.boolean("print_stream", False):
@@ -778,6 +815,8 @@ def build_config(
         max_request_body_bytes=t.integer("max_request_body_bytes", 32 * 1024 * 1024, minimum=1024),
         source=source,
         warnings=tuple(warnings),
+        before=before,
+        trusted_proxies=trusted,
     )
     t.finish()
     return config

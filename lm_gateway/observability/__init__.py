@@ -1,87 +1,33 @@
 """What happened to each request, and getting that out of the request path.
 
 Every request, whatever its outcome (answered, failed upstream, rejected, cancelled by the
-client), ends in exactly one :class:`RequestRecord`. Records go into a bounded memory channel with
-``send_nowait`` (never a wait on the request path; when the channel is full the record is counted
-as dropped) and a task in the server's nursery delivers them, in batches, to listeners in a worker
-thread, so a slow listener or a slow stderr never blocks the event loop.
+client), ends in exactly one finished :class:`~lm_gateway.context.RequestContext` (a "record").
+Records go into a bounded memory channel with ``send_nowait`` (never a wait on the request path;
+when the channel is full the record is counted as dropped) and a task in the server's nursery
+delivers them, in batches: first to async listeners on the event loop (such as rate-limit
+settlement, which talks to Redis), each batch under a deadline, then to sync listeners in a
+worker thread, so a slow listener or a slow stderr never blocks the event loop.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
-from datetime import UTC, datetime
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable
 
-import attrs
 import trio
+
+from ..context import Outcome, RequestContext
 
 log = logging.getLogger("lm_gateway.access")
 
-Outcome = Literal["ok", "error", "rejected", "cancelled"]
+#: lm-proxy's and our earlier name for the context loggers receive.
+RequestRecord = RequestContext
 
-Listener = Callable[["RequestRecord"], None]
+Listener = Callable[[RequestContext], None]
+AsyncListener = Callable[[RequestContext], Awaitable[None]]
 
-
-@attrs.define
-class RequestRecord:
-    """One request's story, filled in as it goes and frozen by :meth:`finish`.
-
-    ``outcome``: ``ok`` (answered), ``error`` (the upstream or the gateway failed), ``rejected``
-    (refused before any upstream call: auth, validation, routing), ``cancelled`` (the client
-    left; ``usage`` then holds what was streamed so far, if known).
-    """
-
-    id: str
-    endpoint: str
-    method: str
-    path: str
-    client_addr: str | None
-    created_at: datetime = attrs.field(factory=lambda: datetime.now(UTC))
-    started: float = attrs.field(factory=time.perf_counter)
-    model: str | None = None
-    connection: str | None = None
-    upstream_model: str | None = None
-    group: str | None = None
-    api_key_id: str | None = None
-    user_info: dict[str, Any] = attrs.field(factory=dict)
-    stream: bool = False
-    status: int | None = None
-    outcome: Outcome | None = None
-    error_type: str | None = None
-    error_code: str | None = None
-    error_message: str | None = None
-    usage: dict[str, Any] | None = None
-    finish_reasons: list[str] = attrs.field(factory=list)
-    chunks: int = 0
-    duration: float | None = None
-    time_to_first_chunk: float | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.outcome is not None
-
-    def mark_first_chunk(self) -> None:
-        if self.time_to_first_chunk is None:
-            self.time_to_first_chunk = time.perf_counter() - self.started
-
-    def finish(self, outcome: Outcome, status: int | None) -> bool:
-        """Set the outcome once; returns False if it was already set (later calls are no-ops)."""
-        if self.outcome is not None:
-            return False
-        self.outcome = outcome
-        self.status = status
-        self.duration = time.perf_counter() - self.started
-        return True
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-friendly dict (datetimes as ISO 8601 UTC)."""
-        data = attrs.asdict(self)
-        data["created_at"] = self.created_at.isoformat()
-        data.pop("started", None)
-        return data
+__all__ = ["AsyncListener", "Listener", "Outcome", "RecordSink", "RequestContext",
+           "RequestRecord"]  # fmt: skip
 
 
 class RecordSink:
@@ -99,12 +45,16 @@ class RecordSink:
     ) -> None:
         self.flush_seconds = flush_seconds
         self.batch_size = batch_size
-        self._send, self._receive = trio.open_memory_channel[RequestRecord](capacity)
+        #: Coroutine functions awaited per record on the event loop (keep them short).
+        self.async_listeners: list[AsyncListener] = []
+        #: How long async listeners may take per batch before the batch moves on.
+        self.async_deadline_seconds = 10.0
+        self._send, self._receive = trio.open_memory_channel[RequestContext](capacity)
         self.listeners: list[Listener] = [_access_log]
         self.dropped = 0
         self.delivered = 0
 
-    def submit(self, record: RequestRecord) -> None:
+    def submit(self, record: RequestContext) -> None:
         """Queue a finished record; never blocks and never raises (safe in a cancelled scope)."""
         try:
             self._send.send_nowait(record)
@@ -128,9 +78,25 @@ class RecordSink:
                             batch.append(await self._receive.receive())
                         except trio.EndOfChannel:
                             break
+                if self.async_listeners:
+                    await self._deliver_async(batch)
                 await trio.to_thread.run_sync(self._deliver, batch)
 
-    def _deliver(self, batch: list[RequestRecord]) -> None:
+    async def _deliver_async(self, batch: list[RequestContext]) -> None:
+        with trio.move_on_after(self.async_deadline_seconds) as scope:
+            for record in batch:
+                for listener in list(self.async_listeners):
+                    try:
+                        await listener(record)
+                    except Exception:
+                        log.exception("request listener %r failed", listener)
+        if scope.cancelled_caught:
+            log.warning(
+                "async request listeners took over %.0f s; batch skipped",
+                self.async_deadline_seconds,
+            )
+
+    def _deliver(self, batch: list[RequestContext]) -> None:
         for record in batch:
             for listener in list(self.listeners):
                 try:
@@ -144,7 +110,7 @@ class RecordSink:
         self._send.close()
 
 
-def _access_log(record: RequestRecord) -> None:
+def _access_log(record: RequestContext) -> None:
     if not log.isEnabledFor(logging.INFO):
         return
     extra = ""
@@ -160,7 +126,7 @@ def _access_log(record: RequestRecord) -> None:
     log.info(
         "%s %s %s %s %s model=%s%s %.1fms%s",
         record.id,
-        record.client_addr or "-",
+        record.remote_addr or "-",
         record.method,
         record.path,
         record.status if record.status is not None else "-",
