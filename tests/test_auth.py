@@ -14,6 +14,7 @@ from lm_gateway.auth import (
     ConfigKeyCheck,
     KeyCheckResult,
     api_key_id,
+    client_ip,
     extract_api_key,
     key_digest,
     normalize_check_result,
@@ -289,3 +290,43 @@ def test_normalize_rejects_other_results_with_internal_error(result: Any, words:
     assert words in info.value.detail
     # The client-facing message reveals nothing about the extension.
     assert "my_pkg" not in info.value.message
+
+
+# -- client address behind proxies ---------------------------------------------------------
+
+
+def _nets(*cidrs: str) -> list[Any]:
+    import ipaddress
+
+    return [ipaddress.ip_network(c) for c in cidrs]
+
+
+@pytest.mark.parametrize(
+    ("peer", "headers", "trusted", "expected"),
+    [
+        # No trusted proxies: headers are never believed.
+        ("10.0.0.5", {"x-forwarded-for": "1.2.3.4"}, (), "10.0.0.5"),
+        # A peer that is not a trusted proxy: ignored too (a client can send anything).
+        ("198.51.100.1", {"x-forwarded-for": "1.2.3.4"}, ("10.0.0.0/8",), "198.51.100.1"),
+        # Trusted peer: the nearest hop that is not a trusted proxy is the client.
+        ("10.0.0.5", {"x-forwarded-for": "1.2.3.4, 5.6.7.8"}, ("10.0.0.0/8",), "5.6.7.8"),
+        ("10.0.0.5", {"x-forwarded-for": "1.2.3.4, 10.0.0.9"}, ("10.0.0.0/8",), "1.2.3.4"),
+        # Every hop trusted: the leftmost is the best we know.
+        ("10.0.0.5", {"x-forwarded-for": "10.0.0.7, 10.0.0.9"}, ("10.0.0.0/8",), "10.0.0.7"),
+        # An unreadable hop: no guessing beyond it.
+        ("10.0.0.5", {"x-forwarded-for": "1.2.3.4, garbage"}, ("10.0.0.0/8",), "10.0.0.5"),
+        # No header from a trusted proxy: the peer.
+        ("10.0.0.5", {}, ("10.0.0.0/8",), "10.0.0.5"),
+        # RFC 7239 Forwarded, with quotes, ports and IPv6 brackets; preferred over XFF.
+        ("10.0.0.5", {"forwarded": 'for="[2001:db8::1]:4711";proto=https, for=10.0.0.8',
+                      "x-forwarded-for": "9.9.9.9"}, ("10.0.0.0/8",), "2001:db8::1"),
+        ("10.0.0.5", {"forwarded": "for=192.0.2.60:8080;by=10.0.0.5"}, ("10.0.0.0/8",),
+         "192.0.2.60"),
+        # No peer at all (a unix socket): nothing to trust.
+        (None, {"x-forwarded-for": "1.2.3.4"}, ("10.0.0.0/8",), None),
+    ],
+)  # fmt: skip
+def test_client_ip(
+    peer: str | None, headers: dict[str, str], trusted: tuple[str, ...], expected: str | None
+) -> None:
+    assert client_ip(peer, headers, _nets(*trusted)) == expected

@@ -1696,3 +1696,13 @@ def test_google_vertex_express_mode_needs_only_a_key() -> None:
     conn = _one_connection({"api_type": "google", "vertexai": True, "api_key": "k"})
     assert conn.vertexai
     assert conn.project is None
+
+
+def test_trusted_proxies_are_validated_networks() -> None:
+    data = minimal()
+    data["trusted_proxies"] = ["10.0.0.0/8", "127.0.0.1", "::1"]
+    assert build(data).trusted_proxies == ("10.0.0.0/8", "127.0.0.1/32", "::1/128")
+    data["trusted_proxies"] = ["10.0.0.0/8", "not-an-ip"]
+    err = config_error(data)
+    assert err.path == "trusted_proxies[1]"
+    assert "not an IP address or network" in err.message
