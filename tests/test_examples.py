@@ -20,6 +20,7 @@ ENV = {
     "GEMINI_API_KEY": "g",
     "GOOGLE_CLOUD_PROJECT": "p",
     "GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent/sa.json",
+    "REDIS_URL": "redis://127.0.0.1:6379/15",
 }
 
 
