@@ -67,7 +67,8 @@ async def serve_app(app: Any) -> AsyncIterator[str]:
     hc = hypercorn.Config()
     hc.bind = ["127.0.0.1:0"]
     hc.accesslog = None
-    hc.graceful_timeout = 1
+    # Short: a test client's idle keep-alive connection would otherwise hold shutdown.
+    hc.graceful_timeout = 0.2
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(

@@ -11,7 +11,7 @@ Answers:
 - 2xx: valid. The group is ``user_info[group_field]`` when configured and present, else
   ``default_group``; with ``response_as_user_info`` the JSON object answered becomes the
   request's ``user_info`` (always a dict).
-- 401, 403, 404: not a valid key.
+- 400, 401, 403, 404: not a valid key (RFC 6750 answers a malformed bearer token with 400).
 - anything else, a timeout, or no answer: the identity provider is unavailable. The client gets
   503 ``auth_unavailable`` — never "invalid key" — and nothing is cached, so an outage does not
   revoke keys for a cache lifetime (lm-proxy cached it as "key revoked").
@@ -19,7 +19,8 @@ Answers:
 With ``use_cache``, valid answers are kept for ``cache_ttl`` seconds and invalid ones for
 ``negative_cache_ttl`` (short: a key just created works quickly). Keys are cached by their
 SHA-256 digest. Concurrent requests with the same uncached key make one call: the others wait
-for its answer.
+for its answer, or its outage (so during an outage they all get their 503 at once, not one
+timeout after another).
 """
 
 from __future__ import annotations
@@ -39,16 +40,19 @@ from ..errors import AuthUnavailable
 
 log = logging.getLogger("lm_gateway.auth")
 
-_INVALID_STATUSES = frozenset({401, 403, 404})
+#: "Not a valid key". 400 included: RFC 6750 answers a malformed bearer token with 400.
+_INVALID_STATUSES = frozenset({400, 401, 403, 404})
 
 
 class _Pending:
-    """One check in flight; later callers with the same key wait on it."""
+    """One check in flight; later callers with the same key wait on it and share its outcome:
+    the answer, or the outage. Only a check abandoned by its caller (cancelled) is retried."""
 
     def __init__(self) -> None:
         self.done = trio.Event()
         self.result: KeyCheckResult | None = None
-        self.failed = False
+        self.outage: AuthUnavailable | None = None
+        self.abandoned = False
 
 
 class CheckAPIKeyWithRequest:
@@ -130,7 +134,7 @@ class CheckAPIKeyWithRequest:
             del self._cache[digest]
             return False, None
         self._cache.move_to_end(digest)
-        return True, result
+        return True, _copy(result)
 
     def _remember(self, digest: str, result: KeyCheckResult | None) -> None:
         ttl = self.cache_ttl if result is not None else self.negative_cache_ttl
@@ -151,18 +155,24 @@ class CheckAPIKeyWithRequest:
                 return result
         while (pending := self._pending.get(digest)) is not None:
             await pending.done.wait()
-            if not pending.failed:
-                return pending.result
-            # The call we waited on failed or was cancelled with its request: try ourselves.
+            if pending.outage is not None:
+                # The same outage for everyone waiting, now: not one timeout after another.
+                raise AuthUnavailable(pending.outage.message, detail=pending.outage.detail)
+            if not pending.abandoned:
+                return _copy(pending.result)
+            # The call we waited on was cancelled with its request: ask ourselves.
         pending = self._pending[digest] = _Pending()
         try:
             result = await self._ask(api_key)
             pending.result = result
             if self.use_cache:
                 self._remember(digest, result)
-            return result
+            return _copy(result)
+        except AuthUnavailable as outage:
+            pending.outage = outage
+            raise
         except BaseException:
-            pending.failed = True
+            pending.abandoned = True
             raise
         finally:
             del self._pending[digest]
@@ -171,6 +181,8 @@ class CheckAPIKeyWithRequest:
     async def _ask(self, api_key: str) -> KeyCheckResult | None:
         url = self.url.replace(self.placeholder, quote(api_key, safe=""))
         headers = {k: v.replace(self.placeholder, api_key) for k, v in self.headers.items()}
+        if not api_key.isascii() and any(self.placeholder in v for v in self.headers.values()):
+            return None  # cannot be sent in a header; no real token looks like that
         self.calls += 1
         try:
             with trio.fail_after(self.timeout):
@@ -207,6 +219,13 @@ class CheckAPIKeyWithRequest:
         return KeyCheckResult(
             group=group, user_info=user_info if self.response_as_user_info else {}
         )
+
+
+def _copy(result: KeyCheckResult | None) -> KeyCheckResult | None:
+    """A result the caller may change without changing the cached one."""
+    if result is None:
+        return None
+    return KeyCheckResult(group=result.group, user_info=dict(result.user_info))
 
 
 def _host(url: str) -> str:
