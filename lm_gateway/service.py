@@ -230,7 +230,7 @@ class Gateway:
 
     def _extensions(self) -> list[Any]:
         """The objects from the config that may have lifetimes, settlers or ``aclose``."""
-        return [self.key_check, *self.handlers]
+        return [self.key_check, *(handler.call for handler in self.handlers)]
 
     async def serve_background(
         self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -540,6 +540,8 @@ class Gateway:
             )
             n = data.get("n") or 1
             fan_out = n > 1 and not has_native_n(connection)
+            # From here on the upstream may spend tokens (accounting needs to know).
+            record.internal["upstream_started"] = True
             if not stream:
                 if fan_out:
                     result = await fan_out_chat(connection, call, n)

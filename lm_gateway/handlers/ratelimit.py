@@ -250,15 +250,30 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
+def _report(headers: dict[str, str], what: str, limit: int, remaining: int, reset: float) -> None:
+    """Set ``x-ratelimit-*`` headers, keeping the most restrictive limiter's when several
+    report the same kind."""
+    current = headers.get(f"x-ratelimit-remaining-{what}")
+    if current is not None and current.isdigit() and int(current) <= remaining:
+        return
+    headers[f"x-ratelimit-limit-{what}"] = str(limit)
+    headers[f"x-ratelimit-remaining-{what}"] = str(remaining)
+    headers[f"x-ratelimit-reset-{what}"] = _duration(reset)
+
+
 def estimate_tokens(ctx: RequestContext) -> int:
     """Tokens of a finished request: the reported usage, or a rough estimate (4 bytes of the
-    prompt per token, one token per streamed chunk) when the stream ended before usage came."""
+    prompt per token, one token per streamed chunk) when the upstream was called but reported
+    nothing (a stream cut before usage came). A request that never reached the upstream (refused
+    by a later handler, say) costs nothing."""
     usage = ctx.usage
     if isinstance(usage, dict):
         total = usage.get("total_tokens")
         if isinstance(total, int):
             return total
         return int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
+    if not ctx.internal.get("upstream_started"):
+        return 0
     prompt = len(orjson.dumps((ctx.request or {}).get("messages") or [])) // 4
     return prompt + ctx.chunks
 
@@ -296,7 +311,12 @@ class RateLimiter:
         max_buckets: int = 10_000,
         storage_timeout_seconds: float = 1.0,
     ) -> None:
-        scopes = [per] if isinstance(per, str) else list(per)
+        if isinstance(per, str):
+            scopes = [per]
+        elif isinstance(per, list | tuple):
+            scopes = list(per)
+        else:
+            raise TypeError(f"per: a scope name or a list of them, not {per!r}")
         for scope in scopes:
             if scope not in SCOPES:
                 raise ValueError(f"per: unknown scope {scope!r}; use one of {', '.join(SCOPES)}")
@@ -318,6 +338,19 @@ class RateLimiter:
             or not window_seconds > 0
         ):
             raise ValueError(f"window_seconds: must be a positive number, got {window_seconds!r}")
+        if isinstance(max_buckets, bool) or not isinstance(max_buckets, int) or max_buckets < 1:
+            raise ValueError(
+                f"max_buckets: must be a whole number of at least 1, got {max_buckets!r}"
+            )
+        if (
+            isinstance(storage_timeout_seconds, bool)
+            or not isinstance(storage_timeout_seconds, int | float)
+            or not storage_timeout_seconds > 0
+        ):
+            raise ValueError(
+                f"storage_timeout_seconds: must be a positive number, "
+                f"got {storage_timeout_seconds!r}"
+            )
         if on_storage_error not in ("allow", "deny"):
             raise ValueError(f"on_storage_error: 'allow' or 'deny', not {on_storage_error!r}")
         self.max_requests = max_requests
@@ -387,20 +420,25 @@ class RateLimiter:
         try:
             if self.max_tokens is not None:
                 used, oldest = await self.storage.tokens(key, window)
-                headers["x-ratelimit-limit-tokens"] = str(self.max_tokens)
-                headers["x-ratelimit-remaining-tokens"] = str(max(0, int(self.max_tokens - used)))
-                headers["x-ratelimit-reset-tokens"] = _duration(oldest)
+                _report(
+                    headers, "tokens", self.max_tokens, max(0, int(self.max_tokens - used)), oldest
+                )
                 if used >= self.max_tokens:
                     self._refuse(ctx, oldest, f"{self.max_tokens} tokens per {window:g}s")
             if self.max_requests is not None:
                 decision = await self.storage.hit(key, self.max_requests, window)
                 remaining = max(0, int(self.max_requests - decision.count))
-                headers["x-ratelimit-limit-requests"] = str(self.max_requests)
-                headers["x-ratelimit-remaining-requests"] = str(remaining)
-                headers["x-ratelimit-reset-requests"] = _duration(decision.retry_after or window)
+                _report(
+                    headers,
+                    "requests",
+                    self.max_requests,
+                    remaining,
+                    decision.retry_after or window,
+                )
                 if not decision.admitted:
+                    noun = "request" if self.max_requests == 1 else "requests"
                     self._refuse(
-                        ctx, decision.retry_after, f"{self.max_requests} requests per {window:g}s"
+                        ctx, decision.retry_after, f"{self.max_requests} {noun} per {window:g}s"
                     )
         except RateLimited:
             raise
