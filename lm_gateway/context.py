@@ -78,6 +78,10 @@ class RequestContext:
     chunks: int = 0
     duration: float | None = None
     time_to_first_chunk: float | None = None
+    #: Upstream attempts made (more than 1 after fallbacks or retries).
+    attempts: int = 1
+    #: What the request cost in US dollars, when the model has a price (see ``prices``).
+    cost: float | None = None
     #: Bookkeeping of the gateway's own extensions (never logged).
     internal: dict[str, Any] = attrs.field(factory=dict, repr=False)
 

@@ -30,6 +30,7 @@ import inspect
 import ipaddress
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any
@@ -62,10 +63,19 @@ from .errors import (
     UpstreamError,
 )
 from .observability import RecordSink
+from .observability.cost import DEFAULT_PRICES, Price, PriceTable
+from .observability.loggers import BaseLogger, CallableLogger, LoggerRunner, logger_name
+from .observability.metrics import GatewayMetrics
 from .providers import ChatCall, ChatStream, Connection, build_connection, close_quietly
 from .providers.fanout import fan_out_chat, fan_out_stream, has_native_n
 from .routing import Route, Router, allowed_model, is_pattern
-from .wire.openai import StreamTally, parse_json_object, validate_chat_request, wants_stream_usage
+from .wire.openai import (
+    StreamAccumulator,
+    StreamTally,
+    parse_json_object,
+    validate_chat_request,
+    wants_stream_usage,
+)
 from .wire.sse import DONE_EVENT
 
 log = logging.getLogger("lm_gateway")
@@ -211,6 +221,15 @@ class Gateway:
         self._model_list_locks: dict[str, trio.Lock] = {}
         self._trusted = tuple(ipaddress.ip_network(n) for n in config.trusted_proxies)
         self.handlers: list[Handler] = [self._build_handler(ref) for ref in config.before]
+        #: Prometheus metrics (None when ``metrics = false``).
+        self.metrics = GatewayMetrics() if config.metrics else None
+        self._price_tables = self._build_price_tables(config)
+        self.loggers: list[LoggerRunner] = [
+            self._build_logger(ref, i) for i, ref in enumerate(config.loggers)
+        ]
+        # Rebuilding a stream's whole answer costs a little per chunk: only when a logger
+        # reads answers (an lm-proxy transformer with ``response = "response"``, say).
+        self._capture_streams = any(r.logger.reads_response() for r in self.loggers)
         for extension in self._extensions():
             settle = getattr(extension, "settle", None)
             if settle is not None and inspect.iscoroutinefunction(settle):
@@ -235,23 +254,34 @@ class Gateway:
     async def serve_background(
         self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Hold extensions' resources open (``lifetime()``: a Redis client, say) and deliver
-        request records, until :meth:`aclose`; then release them, last opened first.
+        """Hold extensions' resources open (``lifetime()``: a Redis client, say), deliver
+        request records and drain the loggers' queues, until :meth:`aclose`; then release them,
+        last opened first.
 
         Resource handling: the lifetimes are entered before ``task_status.started()``, so once
-        the server accepts requests they are open.
+        the server accepts requests they are open. After :meth:`aclose` the loggers write what
+        is queued for at most ``log_flush_seconds``; what is left then is counted as dropped.
         """
         async with contextlib.AsyncExitStack() as stack:
             for extension in self._extensions():
                 lifetime = getattr(extension, "lifetime", None)
                 if callable(lifetime):
                     await stack.enter_async_context(lifetime())
-            await self.records.serve(task_status=task_status)
+            async with trio.open_nursery() as nursery:
+                for runner in self.loggers:
+                    nursery.start_soon(runner.serve)
+                await self.records.serve(task_status=task_status)
+                # records.serve returns after aclose(): the loggers get a bounded flush.
+                nursery.cancel_scope.deadline = trio.current_time() + self.config.log_flush_seconds
+            for runner in self.loggers:
+                await trio.to_thread.run_sync(runner.close_logger)
 
     async def aclose(self) -> None:
         """Close every connection's pool and extension, and stop background work after it
         drains."""
         self.records.close()
+        for runner in self.loggers:
+            runner.close()
         with trio.CancelScope(shield=True), trio.move_on_after(10):
             closers = [(c.name, c.aclose) for c in self.connections.values()]
             closers += [
@@ -306,7 +336,73 @@ class Gateway:
             where=ref.config_path,
         )
 
+    @staticmethod
+    def _build_price_tables(config: Config) -> dict[str, PriceTable]:
+        """One price table per connection: shipped prices, then ``prices``, then the
+        connection's own ``prices``."""
+        top = {model: Price(**fields) for model, fields in config.prices.items()}
+        tables = {}
+        for name, conn in config.connections.items():
+            own = getattr(conn, "prices", None) or {}
+            tables[name] = PriceTable(
+                DEFAULT_PRICES, top, {model: Price(**fields) for model, fields in own.items()}
+            )
+        return tables
+
+    def _build_logger(self, ref: ExtensionRef, index: int) -> LoggerRunner:
+        target = resolve_extension(ref)
+        logger: BaseLogger | CallableLogger
+        if isinstance(target, BaseLogger):
+            logger = target
+        elif callable(target):
+            is_async = inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
+                getattr(target, "__call__", None)  # noqa: B004 - instances with async __call__
+            )
+            logger = CallableLogger(target, is_async)
+        else:
+            raise ConfigError(
+                f"a logger must be a BaseLogger or callable, not {type(target).__name__}",
+                ref.config_path,
+            )
+        runner = LoggerRunner(logger, logger_name(target, index))
+        runner.on_drop = self._log_entries_dropped
+        return runner
+
+    def _log_entries_dropped(self, logger: str, count: int) -> None:
+        if self.metrics is not None:
+            self.metrics.log_dropped.labels(logger).inc(count)
+
+    def _submit(self, ctx: RequestContext) -> None:
+        """A request has finished (exactly once): account for it and hand it to the access
+        log, listeners, loggers and metrics. Never blocks, never raises."""
+        try:
+            if ctx.usage is not None and ctx.connection in self._price_tables:
+                ctx.cost = self._price_tables[ctx.connection].cost(ctx.upstream_model, ctx.usage)
+            t0 = ctx.internal.get("upstream_t0")
+            t1 = ctx.internal.get("upstream_t1")
+            duration = ctx.duration or 0.0
+            if t0 is not None and t1 is not None:
+                # Non-streaming: everything outside the upstream call; streaming: the time
+                # before the first chunk went out, minus the upstream's own wait for it.
+                upstream = t1 - t0
+                until = ctx.time_to_first_chunk if ctx.stream else duration
+                ctx.internal["overhead_seconds"] = max(0.0, (until or 0.0) - upstream)
+            elif t0 is None:
+                ctx.internal["overhead_seconds"] = duration  # never reached an upstream
+            if self.metrics is not None:
+                self.metrics.finished(ctx)
+        except Exception:
+            log.exception("request %s: accounting failed", ctx.id)
+        dropped = self.records.dropped
+        self.records.submit(ctx)
+        if self.records.dropped != dropped and self.metrics is not None:
+            self.metrics.records_dropped.inc()
+        for runner in self.loggers:
+            runner.submit(ctx)
+
     def _new_record(self, request: IncomingRequest, endpoint: str) -> RequestContext:
+        if self.metrics is not None:
+            self.metrics.started()
         return RequestContext(
             id=request.request_id,
             endpoint=endpoint,
@@ -359,20 +455,22 @@ class Gateway:
                 log.error("request %s: %s (%s)", record.id, error.message, error.detail)
             elif isinstance(error, UpstreamError) and error.detail:
                 log.warning("request %s: %s (%s)", record.id, error.message, error.detail)
-            self.records.submit(record)
+            self._submit(record)
         headers = {**record.response_headers, **error.headers, "x-request-id": record.id}
         return Reply(status, orjson.dumps(error.to_body(debug=self.debug)), headers)
 
     def _ok_reply(self, record: RequestContext, body: Any, status: int = 200) -> Reply:
+        data = orjson.dumps(body)
+        headers = {**record.response_headers, "x-request-id": record.id}
         if record.finish("ok", status):
-            self.records.submit(record)
-        return Reply(
-            status, orjson.dumps(body), {**record.response_headers, "x-request-id": record.id}
-        )
+            self._submit(record)
+            if record.cost is not None:
+                headers["x-lm-gateway-cost"] = format_cost(record.cost)
+        return Reply(status, data, headers)
 
     def _record_cancelled(self, record: RequestContext) -> None:
         if record.finish("cancelled", 499):
-            self.records.submit(record)
+            self._submit(record)
 
     def _check_enabled(self) -> None:
         if not self.config.enabled:
@@ -542,11 +640,13 @@ class Gateway:
             fan_out = n > 1 and not has_native_n(connection)
             # From here on the upstream may spend tokens (accounting needs to know).
             record.internal["upstream_started"] = True
+            record.internal["upstream_t0"] = time.perf_counter()
             if not stream:
                 if fan_out:
                     result = await fan_out_chat(connection, call, n)
                 else:
                     result = await connection.chat(call)
+                record.internal["upstream_t1"] = time.perf_counter()
                 record.mark_first_chunk()
                 body = result.body
                 body["model"] = model
@@ -574,6 +674,7 @@ class Gateway:
             )
             scope.add_closer(relay.aclose)
             await relay.prefetch()
+            record.internal["upstream_t1"] = relay.first_chunk_at
             return StreamReply(
                 relay,
                 headers={**record.response_headers, **SSE_HEADERS, "x-request-id": record.id},
@@ -725,9 +826,15 @@ class SSERelay:
         self._model = client_model
         self._strip_usage = strip_usage
         self._tally = StreamTally()
+        self._answer = StreamAccumulator() if gateway._capture_streams else None
         self._pending: bytes | None = None
         self._ended = False
         self._closed = False
+        #: ``perf_counter()`` when the upstream's first chunk arrived.
+        self.first_chunk_at: float | None = None
+        self._metrics = gateway.metrics
+        if self._metrics is not None:
+            self._metrics.stream_started()
 
     async def prefetch(self) -> None:
         """Read up to the first chunk, so upstream failures before it surface as exceptions.
@@ -750,14 +857,20 @@ class SSERelay:
         except BaseException:
             await close_quietly(self._upstream)
             self._closed = True
+            if self._metrics is not None:
+                self._metrics.stream_ended()
             raise
+        self.first_chunk_at = time.perf_counter()
         self._record.mark_first_chunk()
 
     def _encode(self, batch: list[dict[str, Any]]) -> bytes:
         parts: list[bytes] = []
         tally = self._tally
+        answer = self._answer
         for chunk in batch:
             tally.observe(chunk)
+            if answer is not None:
+                answer.observe(chunk)
             if self._strip_usage and "usage" in chunk:
                 # The usage chunk was requested for our accounting, not by the client.
                 if not chunk.get("choices"):
@@ -836,14 +949,30 @@ class SSERelay:
         record.usage = usage
         record.chunks = tally.chunks
         record.finish_reasons = list(tally.finish_reasons.values())
+        if self._answer is not None:
+            record.response = self._answer.result()
+            record.response["model"] = self._model
+            if usage is not None:
+                record.response["usage"] = usage
+        elif usage is not None:
+            # What transformers written for lm-proxy read (``response.usage.*``).
+            record.response = {"usage": usage}
         if record.finish(outcome, status):
-            self._gateway.records.submit(record)
+            self._gateway._submit(record)
 
     async def aclose(self) -> None:
         """Close the upstream; if the stream had not ended, the client left: record it so."""
         if self._closed:
             return
         self._closed = True
+        if self._metrics is not None:
+            self._metrics.stream_ended()
         await close_quietly(self._upstream)
         if not self._ended:
             self._finish("cancelled", 499)
+
+
+def format_cost(cost: float) -> str:
+    """US dollars as a plain decimal (no exponent): ``0.0001375``."""
+    text = f"{cost:.10f}".rstrip("0").rstrip(".")
+    return text or "0"

@@ -52,6 +52,8 @@ class HTTPConnection:
     http2: bool = False
     #: True (system trust store), False (no verification; for lab setups), or a CA bundle path.
     verify_ssl: bool | str = True
+    #: Price overrides for this connection's models (same shape as the top-level ``prices``).
+    prices: Mapping[str, Mapping[str, float]] = attrs.field(factory=dict)
     api_type: str = "openai"
 
 
@@ -193,3 +195,14 @@ class Config:
     before: tuple[ExtensionRef, ...] = ()
     #: Networks whose ``X-Forwarded-For`` / ``Forwarded`` headers are believed.
     trusted_proxies: tuple[str, ...] = ()
+    #: Usage loggers (lm-proxy's ``loggers``), each resolved when the gateway is built.
+    loggers: tuple[ExtensionRef, ...] = ()
+    #: Model price overrides: pattern -> {input, output, cached_input, cache_write} per 1M tokens.
+    prices: Mapping[str, Mapping[str, float]] = attrs.field(factory=dict)
+    #: Serve Prometheus metrics at ``metrics_path``.
+    metrics: bool = True
+    metrics_path: str = "/metrics"
+    #: When set, /metrics needs ``Authorization: Bearer <metrics_api_key>``.
+    metrics_api_key: str | None = attrs.field(default=None, repr=False)
+    #: On shutdown, how long loggers may take to write what is still queued.
+    log_flush_seconds: float = 10.0

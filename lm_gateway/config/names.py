@@ -22,16 +22,23 @@ LM_PROXY_ALIASES: dict[str, str] = {
     "CheckAPIKeyWithRequest": "lm_gateway.handlers.keycheck.CheckAPIKeyWithRequest",
     "RateLimiter": "lm_gateway.handlers.RateLimiter",
     "HTTPHeadersForwarder": "lm_gateway.handlers.HTTPHeadersForwarder",
+    "BaseLogger": "lm_gateway.observability.loggers.BaseLogger",
+    "LogEntryTransformer": "lm_gateway.observability.loggers.LogEntryTransformer",
+    "JsonLogWriter": "lm_gateway.observability.writers.JsonLogWriter",
+    "SQLLogWriter": "lm_gateway.observability.writers.SQLLogWriter",
 }
 
 #: Built-ins that are planned but not implemented yet, with the reason shown to the user.
 NOT_SUPPORTED_YET: dict[str, str] = {
-    "BaseLogger": "usage loggers are not supported yet",
-    "JsonLogWriter": "usage loggers are not supported yet",
-    "LogEntryTransformer": "usage loggers are not supported yet",
     "Fallback": "fallback strategies are not supported yet",
-    "DBLogWriter": "database loggers are not supported yet",
-    "DBLogger": "database loggers are not supported yet",
+    "DBLogWriter": (
+        "lm-proxy-db-connector's DBLogWriter is not supported; use "
+        "lm_gateway.observability.writers.SQLLogWriter with db_url (see doc/observability.md)"
+    ),
+    "DBLogger": (
+        "lm-proxy-db-connector's DBLogger is not supported; use a BaseLogger with "
+        "log_writer = { class = 'SQLLogWriter', db_url = ... } (see doc/observability.md)"
+    ),
     "init_db": "components are not supported yet",
 }
 

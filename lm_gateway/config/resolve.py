@@ -2,7 +2,8 @@
 
 Runs at startup. A dotted path names a module attribute (``my_pkg.checks.validate``); a class
 named by a plain string is instantiated without arguments and a ``class = ...`` table calls its
-target with the table's other keys, as lm-proxy did.
+target with the table's other keys, as lm-proxy did; a key whose value is itself a ``class``
+table (an :class:`ExtensionRef` in ``params``) is built first and passed as the object.
 """
 
 from __future__ import annotations
@@ -50,8 +51,12 @@ def resolve_extension(ref: ExtensionRef) -> Any:
         ref.obj if ref.obj is not None else import_object(str(ref.import_path), ref.config_path)
     )
     if ref.instantiate or (inspect.isclass(target) and ref.obj is None):
+        params = {
+            key: resolve_extension(value) if isinstance(value, ExtensionRef) else value
+            for key, value in ref.params.items()
+        }
         try:
-            return target(**ref.params)
+            return target(**params)
         except TypeError as exc:
             raise ConfigError(f"cannot create {_name(target)}: {exc}", ref.config_path) from exc
         except Exception as exc:

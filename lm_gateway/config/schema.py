@@ -158,7 +158,9 @@ class _Table:
             self.fail(key, f"must be at least {minimum}, got {value}")
         return value
 
-    def seconds(self, key: str, default: T, *, positive: bool = True) -> float | T:
+    def seconds(
+        self, key: str, default: T, *, positive: bool = True, unit: str = "seconds"
+    ) -> float | T:
         value = self.raw(key)
         if value is None:
             return default
@@ -166,11 +168,11 @@ class _Table:
             try:
                 value = float(value)
             except ValueError:
-                self.fail(key, f"expected a number of seconds, got {value!r}")
+                self.fail(key, f"expected a number of {unit}, got {value!r}")
         if isinstance(value, bool) or not isinstance(value, int | float):
-            self.fail(key, f"expected a number of seconds, got {_type_name(value)}")
+            self.fail(key, f"expected a number of {unit}, got {_type_name(value)}")
         if not math.isfinite(value):
-            self.fail(key, f"expected a finite number of seconds, got {value}")
+            self.fail(key, f"expected a finite number of {unit}, got {value}")
         if value < 0 or (positive and value == 0):
             self.fail(key, f"must be {'positive' if positive else 'zero or more'}, got {value}")
         return float(value)
@@ -228,7 +230,15 @@ def _extension(value: Any, path: str, *, what: str, any_object: bool = False) ->
         if "class" not in value:
             raise ConfigError(f"a {what} table needs a 'class' key", path)
         target = value["class"]
-        params = {str(k): v for k, v in value.items() if k != "class"}
+        # Nested ``{class = ...}`` tables are extensions too (lm-proxy's
+        # ``[loggers.log_writer]``): resolved, inner first, when the outer one is built.
+        params = {
+            str(k): _extension(v, join_path(path, str(k)), what=f"{what}'s {k}")
+            if isinstance(v, Mapping) and "class" in v
+            else v
+            for k, v in value.items()
+            if k != "class"
+        }
         if isinstance(target, str):
             _reject_not_supported(target.strip(), join_path(path, "class"))
             return ExtensionRef(
@@ -267,6 +277,35 @@ def _extension_list(table: _Table, key: str, *, what: str) -> tuple[ExtensionRef
         _extension(item, join_path(join_path(table.path, key), i), what=what)
         for i, item in enumerate(value)
     )
+
+
+_PRICE_KEYS = ("input", "output", "cached_input", "cache_write")
+
+
+def _prices(table: _Table, key: str) -> dict[str, dict[str, float]]:
+    """``prices = { "gpt-4o*" = { input = 2.5, output = 10, cached_input = 1.25 } }``."""
+    out: dict[str, dict[str, float]] = {}
+    prices = _Table(table.table(key), join_path(table.path, key))
+    for model, value in prices.data.items():
+        prices.seen.add(model)
+        entry = _Table(value, join_path(prices.path, str(model)))
+        price = {}
+        for field in _PRICE_KEYS:
+            amount = entry.seconds(field, None, positive=False, unit="US dollars")
+            if amount is not None:
+                price[field] = amount
+        if "input" not in price or "output" not in price:
+            raise ConfigError("a price needs input and output (USD per million tokens)", entry.path)
+        entry.finish()
+        out[str(model)] = price
+    return out
+
+
+def _path_key(table: _Table, key: str, default: str) -> str:
+    value = table.string(key, default).strip()
+    if not value.startswith("/"):
+        table.fail(key, f"must start with '/', got {value!r}")
+    return value.rstrip("/") or "/"
 
 
 def _trusted_proxies(table: _Table) -> tuple[str, ...]:
@@ -389,6 +428,7 @@ def _http_fields(
         "api_base": api_base,
         "api_key": api_key.strip() if api_key else None,
         "http_headers": headers,
+        "prices": _prices(t, "prices"),
         "connect_timeout_seconds": t.seconds("connect_timeout_seconds", 10.0),
         "read_timeout_seconds": t.seconds("read_timeout_seconds", 600.0),
         "write_timeout_seconds": t.seconds("write_timeout_seconds", 60.0),
@@ -789,7 +829,8 @@ def build_config(
 
     before = _extension_list(t, "before", what="request handler")
     trusted = _trusted_proxies(t)
-    _fail_later_feature(t, "loggers", "usage loggers are not supported yet")
+    loggers = _extension_list(t, "loggers", what="logger")
+    prices = _prices(t, "prices")
     _fail_later_feature(t, "components", "components are not supported yet")
     if t.boolean("print_stream", False):
         t.fail("print_stream", "is not supported (use --debug for request logging)")
@@ -817,6 +858,12 @@ def build_config(
         warnings=tuple(warnings),
         before=before,
         trusted_proxies=trusted,
+        loggers=loggers,
+        prices=prices,
+        metrics=t.boolean("metrics", True),
+        metrics_path=_path_key(t, "metrics_path", "/metrics"),
+        metrics_api_key=t.string("metrics_api_key", None),
+        log_flush_seconds=t.seconds("log_flush_seconds", 10.0),
     )
     t.finish()
     return config

@@ -252,6 +252,96 @@ class StreamTally:
         return bool(self.finish_reasons)
 
 
+class StreamAccumulator:
+    """Rebuilds the ``chat.completion`` a stream of chunks amounts to (for loggers that record
+    answers): content, reasoning, refusal and tool calls per choice, finish reasons, usage.
+
+    Tool call fragments are joined by their ``index`` (the id and name come once, the arguments
+    in pieces), as the OpenAI SDK's stream helpers do.
+    """
+
+    def __init__(self) -> None:
+        self.id: str | None = None
+        self.created: int | None = None
+        self.model: str | None = None
+        self.usage: JSONObject | None = None
+        self._choices: dict[int, dict[str, Any]] = {}
+
+    def observe(self, chunk: Mapping[str, Any]) -> None:
+        if self.id is None and isinstance(chunk.get("id"), str):
+            self.id = chunk["id"]
+            self.created = chunk.get("created") if isinstance(chunk.get("created"), int) else None
+            self.model = chunk.get("model") if isinstance(chunk.get("model"), str) else None
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            index = choice.get("index", 0)
+            state = self._choices.get(index)
+            if state is None:
+                state = self._choices[index] = {
+                    "index": index,
+                    "message": {"role": "assistant", "content": None},
+                    "finish_reason": None,
+                    "_tools": {},
+                }
+            if choice.get("finish_reason"):
+                state["finish_reason"] = choice["finish_reason"]
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                self._merge(state, delta)
+
+    @staticmethod
+    def _merge(state: dict[str, Any], delta: Mapping[str, Any]) -> None:
+        message = state["message"]
+        for key, value in delta.items():
+            if key == "tool_calls" and isinstance(value, list):
+                tools: dict[int, dict[str, Any]] = state["_tools"]
+                for call in value:
+                    if not isinstance(call, dict):
+                        continue
+                    slot = tools.setdefault(
+                        call.get("index", len(tools)),
+                        {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
+                    )
+                    for field in ("id", "type"):
+                        if call.get(field):
+                            slot[field] = call[field]
+                    function = call.get("function")
+                    if isinstance(function, dict):
+                        if function.get("name"):
+                            slot["function"]["name"] += function["name"]
+                        if isinstance(function.get("arguments"), str):
+                            slot["function"]["arguments"] += function["arguments"]
+            elif isinstance(value, str) and key != "role":
+                message[key] = (message.get(key) or "") + value
+            elif value is not None:
+                message[key] = value
+
+    def result(self) -> JSONObject:
+        """The answer so far, shaped as a non-streaming ``chat.completion``."""
+        choices = []
+        for index in sorted(self._choices):
+            state = self._choices[index]
+            message = dict(state["message"])
+            if state["_tools"]:
+                message["tool_calls"] = [state["_tools"][i] for i in sorted(state["_tools"])]
+            choices.append(
+                {"index": index, "message": message, "finish_reason": state["finish_reason"]}
+            )
+        body: JSONObject = {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if self.usage is not None:
+            body["usage"] = self.usage
+        return body
+
+
 # -- upstream answers -------------------------------------------------------------------------
 
 

@@ -1,0 +1,203 @@
+"""Prometheus metrics for one gateway.
+
+Every gateway has its own registry (two gateways in one process count separately). Metrics
+move as requests start and finish; labels are bounded: model names come from clients, so past
+:data:`MAX_MODEL_LABELS` distinct names the rest are counted under ``other``.
+
+With ``--workers N`` the CLI turns on prometheus-client's multiprocess mode (it sets
+``PROMETHEUS_MULTIPROC_DIR`` for the workers): each worker writes its values to files in that
+directory and ``/metrics``, whichever worker answers it, adds them up. Without it, each worker
+would answer with its own counts only.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from ..context import RequestContext
+
+MAX_MODEL_LABELS = 500
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+
+def multiprocess_dir() -> str | None:
+    """The multiprocess directory when prometheus-client's multiprocess mode is on."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class GatewayMetrics:
+    """The gateway's counters, gauges and histograms; :meth:`render` answers ``/metrics``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "lmgw_requests",
+            "Requests, by endpoint, connection, model, group, status, outcome.",
+            ["endpoint", "connection", "model", "group", "status", "outcome"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "lmgw_request_duration_seconds",
+            "Time from request to the end of the answer.",
+            ["endpoint", "connection", "stream"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "lmgw_time_to_first_token_seconds",
+            "Time from request to the upstream's first chunk (streams) or answer.",
+            ["connection", "stream"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "lmgw_gateway_overhead_seconds",
+            "Time the gateway itself spent on a request, outside the upstream call.",
+            ["endpoint"],
+            buckets=_OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "lmgw_tokens",
+            "Tokens by kind (prompt, completion, cached, reasoning).",
+            ["connection", "model", "kind"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "lmgw_cost_usd",
+            "Cost of the requests, US dollars.",
+            ["connection", "model", "group"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "lmgw_in_flight_requests",
+            "Requests being served.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.in_flight_streams = Gauge(
+            "lmgw_in_flight_streams",
+            "Streams being relayed.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.cancellations = Counter(
+            "lmgw_cancellations",
+            "Requests whose client left before the answer ended.",
+            ["connection", "stream"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "lmgw_rate_limit_rejections",
+            "Requests refused by a rate limiter.",
+            ["group"],
+            registry=r,
+        )
+        self.attempts = Counter(
+            "lmgw_upstream_attempts",
+            "Upstream attempts beyond the first (fallbacks, retries).",
+            ["connection"],
+            registry=r,
+        )
+        self.log_dropped = Counter(
+            "lmgw_log_entries_dropped",
+            "Log entries dropped (a logger's queue full or its writer failing).",
+            ["logger"],
+            registry=r,
+        )
+        self.records_dropped = Counter(
+            "lmgw_request_records_dropped",
+            "Finished-request records dropped before delivery.",
+            registry=r,
+        )
+        self._models: set[str] = set()
+
+    def _model(self, name: str | None) -> str:
+        if not name:
+            return ""
+        if name in self._models:
+            return name
+        if len(self._models) >= MAX_MODEL_LABELS:
+            return "other"
+        self._models.add(name)
+        return name
+
+    def started(self) -> None:
+        self.in_flight.inc()
+
+    def stream_started(self) -> None:
+        self.in_flight_streams.inc()
+
+    def stream_ended(self) -> None:
+        self.in_flight_streams.dec()
+
+    def finished(self, ctx: RequestContext) -> None:
+        """Count a finished request (called once per request, on the event loop)."""
+        self.in_flight.dec()
+        connection = ctx.connection or ""
+        model = self._model(ctx.model if ctx.connection else None)
+        self.requests.labels(
+            ctx.endpoint,
+            connection,
+            model,
+            ctx.group or "",
+            str(ctx.status or ""),
+            ctx.outcome or "",
+        ).inc()
+        stream = "true" if ctx.stream else "false"
+        if ctx.duration is not None:
+            self.duration.labels(ctx.endpoint, connection, stream).observe(ctx.duration)
+        if ctx.time_to_first_chunk is not None:
+            self.ttft.labels(connection, stream).observe(ctx.time_to_first_chunk)
+        overhead = ctx.internal.get("overhead_seconds")
+        if isinstance(overhead, float):
+            self.overhead.labels(ctx.endpoint).observe(overhead)
+        usage = ctx.usage
+        if isinstance(usage, dict):
+            tokens = self.tokens
+            tokens.labels(connection, model, "prompt").inc(_n(usage.get("prompt_tokens")))
+            tokens.labels(connection, model, "completion").inc(_n(usage.get("completion_tokens")))
+            details = usage.get("prompt_tokens_details")
+            if isinstance(details, dict):
+                tokens.labels(connection, model, "cached").inc(_n(details.get("cached_tokens")))
+            details = usage.get("completion_tokens_details")
+            if isinstance(details, dict):
+                tokens.labels(connection, model, "reasoning").inc(
+                    _n(details.get("reasoning_tokens"))
+                )
+        if ctx.cost:
+            self.cost.labels(connection, model, ctx.group or "").inc(ctx.cost)
+        if ctx.outcome == "cancelled":
+            self.cancellations.labels(connection, stream).inc()
+        if ctx.error_code == "rate_limit_exceeded" and ctx.outcome == "rejected":
+            self.rate_limited.labels(ctx.group or "").inc()
+        if ctx.attempts > 1:
+            self.attempts.labels(connection).inc(ctx.attempts - 1)
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition (all workers' values in multiprocess mode)."""
+        directory = multiprocess_dir()
+        if directory:
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            collector: Any = multiprocess.MultiProcessCollector  # untyped in prometheus-client
+            collector(registry, path=directory)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _n(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
