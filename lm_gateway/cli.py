@@ -21,9 +21,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -251,6 +253,9 @@ def _hypercorn_config(config: Config, host: str, port: int, workers: int) -> Any
 
     hc = hypercorn.Config()
     hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    if config.metrics and config.metrics_port is not None:
+        mport = config.metrics_port
+        hc.bind.append(f"[{host}]:{mport}" if ":" in host else f"{host}:{mport}")
     hc.workers = workers
     hc.worker_class = "trio"
     hc.accesslog = None  # the gateway logs each request itself, with more detail
@@ -335,10 +340,20 @@ def _serve_workers(hc: Any, config_path: Path | None, debug: bool) -> int:
     os.environ["LM_GATEWAY_DEBUG"] = "1" if debug else "0"
     os.environ["LM_GATEWAY_ENV"] = ""  # already applied to this environment, which workers inherit
     hc.application_path = "lm_gateway:app"
+    # Metrics from all workers: prometheus-client's multiprocess mode, in a fresh directory
+    # (left-over files from an earlier run would be added in). The workers are spawned, so they
+    # import prometheus-client after this is set.
+    own_dir = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        own_dir = tempfile.mkdtemp(prefix="lm-gateway-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_dir
     try:
         return run(hc)
     except OSError as exc:
         raise RuntimeFailure(f"cannot serve on {', '.join(hc.bind)}: {exc}") from exc
+    finally:
+        if own_dir is not None:
+            shutil.rmtree(own_dir, ignore_errors=True)
 
 
 def _watched_files(extra: Sequence[Path]) -> list[Path]:

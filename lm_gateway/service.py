@@ -282,6 +282,8 @@ class Gateway:
         self.records.close()
         for runner in self.loggers:
             runner.close()
+        if self.metrics is not None:
+            self.metrics.close()
         with trio.CancelScope(shield=True), trio.move_on_after(10):
             closers = [(c.name, c.aclose) for c in self.connections.values()]
             closers += [
@@ -378,17 +380,7 @@ class Gateway:
         try:
             if ctx.usage is not None and ctx.connection in self._price_tables:
                 ctx.cost = self._price_tables[ctx.connection].cost(ctx.upstream_model, ctx.usage)
-            t0 = ctx.internal.get("upstream_t0")
-            t1 = ctx.internal.get("upstream_t1")
-            duration = ctx.duration or 0.0
-            if t0 is not None and t1 is not None:
-                # Non-streaming: everything outside the upstream call; streaming: the time
-                # before the first chunk went out, minus the upstream's own wait for it.
-                upstream = t1 - t0
-                until = ctx.time_to_first_chunk if ctx.stream else duration
-                ctx.internal["overhead_seconds"] = max(0.0, (until or 0.0) - upstream)
-            elif t0 is None:
-                ctx.internal["overhead_seconds"] = duration  # never reached an upstream
+            ctx.internal["overhead_seconds"] = self._overhead(ctx)
             if self.metrics is not None:
                 self.metrics.finished(ctx)
         except Exception:
@@ -399,6 +391,21 @@ class Gateway:
             self.metrics.records_dropped.inc()
         for runner in self.loggers:
             runner.submit(ctx)
+
+    @staticmethod
+    def _overhead(ctx: RequestContext) -> float:
+        """The gateway's own time on a request: all of it when no upstream was called;
+        otherwise, up to the answer (non-streaming) or the first chunk sent (streaming), the
+        time not spent waiting for the upstream. Relaying later chunks is not counted."""
+        duration = ctx.duration or 0.0
+        t0 = ctx.internal.get("upstream_t0")
+        if t0 is None:
+            return duration
+        t1 = ctx.internal.get("upstream_t1")
+        if t1 is None:  # the upstream call was still going when the request ended
+            return max(0.0, t0 - ctx.started)
+        until = ctx.time_to_first_chunk if ctx.stream and ctx.time_to_first_chunk else duration
+        return max(0.0, until - (t1 - t0))
 
     def _new_record(self, request: IncomingRequest, endpoint: str) -> RequestContext:
         if self.metrics is not None:
@@ -642,11 +649,14 @@ class Gateway:
             record.internal["upstream_started"] = True
             record.internal["upstream_t0"] = time.perf_counter()
             if not stream:
-                if fan_out:
-                    result = await fan_out_chat(connection, call, n)
-                else:
-                    result = await connection.chat(call)
-                record.internal["upstream_t1"] = time.perf_counter()
+                try:
+                    if fan_out:
+                        result = await fan_out_chat(connection, call, n)
+                    else:
+                        result = await connection.chat(call)
+                finally:
+                    # Answered or failed: the upstream's part of the time ends here.
+                    record.internal["upstream_t1"] = time.perf_counter()
                 record.mark_first_chunk()
                 body = result.body
                 body["model"] = model
@@ -673,8 +683,10 @@ class Gateway:
                 strip_usage=call.usage_requested_by_gateway and not client_wants_usage,
             )
             scope.add_closer(relay.aclose)
-            await relay.prefetch()
-            record.internal["upstream_t1"] = relay.first_chunk_at
+            try:
+                await relay.prefetch()
+            finally:
+                record.internal["upstream_t1"] = relay.first_chunk_at or time.perf_counter()
             return StreamReply(
                 relay,
                 headers={**record.response_headers, **SSE_HEADERS, "x-request-id": record.id},

@@ -202,6 +202,9 @@ class Config:
     #: Serve Prometheus metrics at ``metrics_path``.
     metrics: bool = True
     metrics_path: str = "/metrics"
+    #: When set, metrics are served only on this port (the CLI listens on it too, same host)
+    #: and the API is not served there.
+    metrics_port: int | None = None
     #: When set, /metrics needs ``Authorization: Bearer <metrics_api_key>``.
     metrics_api_key: str | None = attrs.field(default=None, repr=False)
     #: On shutdown, how long loggers may take to write what is still queued.

@@ -146,7 +146,7 @@ class _Table:
             self.fail(key, f"expected true or false, got {_type_name(value)}")
         return value
 
-    def integer(self, key: str, default: int, *, minimum: int = 0) -> int:
+    def integer(self, key: str, default: T, *, minimum: int = 0) -> int | T:
         value = self.raw(key)
         if value is None:
             return default
@@ -817,6 +817,14 @@ def build_config(
     if not host:
         t.fail("host", "must not be empty")
     port = t.integer("port", 8000)
+    metrics_port = t.integer("metrics_port", None, minimum=1)
+    if metrics_port is not None and metrics_port > 65535:
+        t.fail("metrics_port", f"must be at most 65535, got {metrics_port}")
+    if metrics_port is not None and metrics_port == port:
+        t.fail(
+            "metrics_port",
+            f"must differ from port ({port}); leave it out to serve metrics on the API port",
+        )
     if port > 65535:
         t.fail("port", f"must be at most 65535, got {port}")
     certfile = t.string("ssl_certfile", None)
@@ -862,6 +870,7 @@ def build_config(
         prices=prices,
         metrics=t.boolean("metrics", True),
         metrics_path=_path_key(t, "metrics_path", "/metrics"),
+        metrics_port=metrics_port,
         metrics_api_key=t.string("metrics_api_key", None),
         log_flush_seconds=t.seconds("log_flush_seconds", 10.0),
     )

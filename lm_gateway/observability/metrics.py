@@ -186,6 +186,15 @@ class GatewayMetrics:
         if ctx.attempts > 1:
             self.attempts.labels(connection).inc(ctx.attempts - 1)
 
+    def close(self) -> None:
+        """In multiprocess mode, drop this process's live gauges (in-flight counts) from the
+        totals; counters and histograms stay counted."""
+        if multiprocess_dir():
+            from prometheus_client import multiprocess
+
+            mark_dead: Any = multiprocess.mark_process_dead  # untyped in prometheus-client
+            mark_dead(os.getpid())
+
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition (all workers' values in multiprocess mode)."""
         directory = multiprocess_dir()

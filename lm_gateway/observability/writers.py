@@ -120,7 +120,9 @@ class SQLLogWriter:
         # pool_pre_ping: a connection the server dropped (a restart) is replaced, not used.
         self._engine = sa.create_engine(db_url, pool_pre_ping=True, **(engine_kwargs or {}))
         metadata = sa.MetaData()
-        json_type = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+        json_type = sa.JSON(none_as_null=True).with_variant(
+            postgresql.JSONB(none_as_null=True), "postgresql"
+        )
         self.table = sa.Table(
             table_name,
             metadata,

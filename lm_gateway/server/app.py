@@ -13,6 +13,7 @@ installs it into the host app when registered.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 from collections.abc import Mapping
@@ -20,14 +21,17 @@ from typing import Any, cast
 
 import attrs
 import orjson
+import trio
 from hypercorn.typing import HTTPScope
 from quart import Blueprint, Quart, Response, current_app, request
 from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from ..auth import extract_api_key
 from ..config import Config, build_config, load_config
 from ..errors import (
+    AuthenticationFailed,
     GatewayError,
     HTTPStatusError,
     InternalError,
@@ -127,7 +131,11 @@ def blueprint(
     """A Quart blueprint serving the gateway, to mount in a QuartTrio app.
 
     Routes (relative to the blueprint's ``url_prefix``): ``POST {api_prefix}/chat/completions``,
-    ``GET {api_prefix}/models``, ``GET {api_prefix}/models/<id>``, ``GET /health``.
+    ``GET {api_prefix}/models``, ``GET {api_prefix}/models/<id>``, ``GET /health``, and
+    ``GET {metrics_path}`` (Prometheus; unless ``metrics = false``).
+
+    With ``metrics_port`` set, metrics are answered only on that port and the API only on the
+    others (the port is read from the ASGI scope's ``server``).
 
     The gateway's connection pools are opened with the app and closed when it stops serving
     (``before_app_serving``/``after_app_serving``). Registering the blueprint makes the app open
@@ -146,6 +154,7 @@ def blueprint(
     prefix = gateway.config.api_prefix
     debug = gateway.debug
     max_body = gateway.config.max_request_body_bytes
+    metrics_port = gateway.config.metrics_port
 
     bp.record_once(lambda state: install_request_scope(cast(Quart, state.app)))
 
@@ -160,8 +169,18 @@ def blueprint(
     async def _stop() -> None:
         await gateway.aclose()
 
+    def on_metrics_port(scope: Mapping[str, Any]) -> bool:
+        server = scope.get("server")
+        return server is not None and server[1] == metrics_port
+
     async def incoming() -> IncomingRequest:
         scope = cast(dict[str, Any], request.scope)
+        if metrics_port is not None and on_metrics_port(scope):
+            raise NotFound(
+                f"Unknown request URL: {request.method} {request.path} (this port serves "
+                "metrics only).",
+                code="unknown_url",
+            )
         client = scope.get("client")
         if request.content_length is not None and request.content_length > max_body:
             raise RequestTooLarge(f"The request body is larger than the limit of {max_body} bytes.")
@@ -218,6 +237,40 @@ def blueprint(
     @bp.get("/health")
     async def health() -> Response:
         return _to_response(await gateway.health(await incoming()))
+
+    metrics = gateway.metrics
+    if metrics is not None:
+        expected = gateway.config.metrics_api_key
+        expected_bytes = expected.encode() if expected else None
+
+        @bp.get(gateway.config.metrics_path)
+        async def prometheus_metrics() -> Response:
+            scope = cast(dict[str, Any], request.scope)
+            if metrics_port is not None and not on_metrics_port(scope):
+                return _error_response(
+                    NotFound(
+                        f"Unknown request URL: GET {request.path} (metrics are served on port "
+                        f"{metrics_port}).",
+                        code="unknown_url",
+                    ),
+                    debug,
+                )
+            if expected_bytes is not None:
+                given = extract_api_key(
+                    {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+                )
+                if given is None or not hmac.compare_digest(
+                    given.encode("utf-8", "surrogateescape"), expected_bytes
+                ):
+                    return _error_response(
+                        AuthenticationFailed(
+                            "Metrics need 'Authorization: Bearer <metrics_api_key>'."
+                        ),
+                        debug,
+                    )
+            # Rendering reads every series (and, with --workers, every worker's files).
+            body, content_type = await trio.to_thread.run_sync(metrics.render)
+            return Response(body, status=200, content_type=content_type)
 
     bp.gateway = gateway  # type: ignore[attr-defined]
     return bp
