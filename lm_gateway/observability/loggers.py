@@ -342,7 +342,10 @@ class LoggerRunner:
         delay = 0.5
         for attempt in range(logger.max_retries + 1):
             try:
-                await trio.to_thread.run_sync(logger.write, entries)
+                # Only the shutdown flush's deadline cancels a runner: a write stuck on a dead
+                # database must not hold the process, so its thread is left to finish alone
+                # (its batch is counted as dropped, though it may still land).
+                await trio.to_thread.run_sync(logger.write, entries, abandon_on_cancel=True)
             except Exception as exc:
                 if attempt == logger.max_retries:
                     log.error(  # noqa: TRY400 - the cause is in the message; no traceback
@@ -374,7 +377,7 @@ class LoggerRunner:
                 if logger.is_async:
                     await logger.target(ctx)
                 else:
-                    await trio.to_thread.run_sync(logger.target, ctx)
+                    await trio.to_thread.run_sync(logger.target, ctx, abandon_on_cancel=True)
                 self.written += 1
             except Exception:
                 log.exception("logger %s failed on request %s", self.name, ctx.id)
