@@ -398,10 +398,10 @@ class Gateway:
         otherwise, up to the answer (non-streaming) or the first chunk sent (streaming), the
         time not spent waiting for the upstream. Relaying later chunks is not counted."""
         duration = ctx.duration or 0.0
-        t0 = ctx.internal.get("upstream_t0")
+        t0: float | None = ctx.internal.get("upstream_t0")
         if t0 is None:
             return duration
-        t1 = ctx.internal.get("upstream_t1")
+        t1: float | None = ctx.internal.get("upstream_t1")
         if t1 is None:  # the upstream call was still going when the request ended
             return max(0.0, t0 - ctx.started)
         until = ctx.time_to_first_chunk if ctx.stream and ctx.time_to_first_chunk else duration
