@@ -18,6 +18,7 @@ from typing import Any
 import httpx2
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.slow
 
@@ -194,15 +195,27 @@ async def test_host_port_and_workers_flags(tmp_path: Path) -> None:
     base = f"http://127.0.0.1:{port}"
     argv = [PYTHON, "-m", "lm_gateway", "serve", "--host", "127.0.0.1", "--port", str(port),
             "--workers", "2"]
-    async with running(argv, tmp_path, clean_env(CLIENT_KEY="k"), f"{base}/health"), \
-            httpx2.AsyncClient() as http:
-        for _ in range(4):
-            response = await http.post(
-                f"{base}/v1/chat/completions",
-                headers={"authorization": "Bearer k"},
-                json={"model": "m", "messages": [{"role": "user", "content": "worker"}]},
-            )
+    async with running(argv, tmp_path, clean_env(CLIENT_KEY="k"), f"{base}/health"):
+        for _ in range(12):
+            # A new connection each time, so the workers share the requests.
+            async with httpx2.AsyncClient() as http:
+                response = await http.post(
+                    f"{base}/v1/chat/completions",
+                    headers={"authorization": "Bearer k"},
+                    json={"model": "m", "messages": [{"role": "user", "content": "worker"}]},
+                )
             assert response.status_code == 200
+        # /metrics adds up every worker's counts, whichever worker answers the scrape.
+        for _ in range(4):
+            async with httpx2.AsyncClient() as http:
+                text = (await http.get(f"{base}/metrics")).text
+            counted = sum(
+                sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if sample.name == "lmgw_requests_total"
+            )
+            assert counted == 12
 
 
 async def test_https_with_ssl_certfile_and_keyfile(tmp_path: Path) -> None:
