@@ -21,6 +21,8 @@ ENV = {
     "GOOGLE_CLOUD_PROJECT": "p",
     "GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent/sa.json",
     "REDIS_URL": "redis://127.0.0.1:6379/15",
+    "METRICS_KEY": "m",
+    "LOG_DB_URL": "sqlite://",
 }
 
 

@@ -117,6 +117,8 @@ class EchoConnection:
     name: str
     #: Pause between streamed words; lets demos and tests watch a stream in progress.
     chunk_delay_seconds: float = 0.0
+    #: Price overrides (an echo model costs nothing, but demos of cost tracking want one).
+    prices: Mapping[str, Mapping[str, float]] = attrs.field(factory=dict)
     api_type: str = "echo"
 
 

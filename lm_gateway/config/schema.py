@@ -367,7 +367,9 @@ def _connection(name: str, value: Any, path: str, warnings: list[str]) -> Connec
     conn: ConnectionConfig
     if api_type == "echo":
         conn = EchoConnection(
-            name=name, chunk_delay_seconds=t.seconds("chunk_delay_seconds", 0.0, positive=False)
+            name=name,
+            chunk_delay_seconds=t.seconds("chunk_delay_seconds", 0.0, positive=False),
+            prices=_prices(t, "prices"),
         )
     elif api_type in OPENAI_COMPATIBLE_PLATFORMS:
         conn = _openai_connection(t, name, api_type)

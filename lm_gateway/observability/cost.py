@@ -13,8 +13,8 @@ or not.
 
 The shipped table covers common OpenAI, Anthropic and Gemini models at list prices as of
 2026-11; providers change prices, so override them in the config (``prices`` at the top level
-or per connection). Model names match exactly first, then by the longest matching glob
-(``claude-sonnet-4*`` covers dated names).
+or per connection; see :class:`PriceTable` for which wins). Model names match exactly first,
+then by the longest matching glob (``claude-sonnet-4*`` covers dated names).
 """
 
 from __future__ import annotations
@@ -91,17 +91,20 @@ DEFAULT_PRICES: dict[str, Price] = {
 
 
 class PriceTable:
-    """Looks up the price of a model: configured prices first, then the shipped ones."""
+    """Looks up the price of a model in layers: the last table given first (a connection's
+    ``prices``), then the earlier ones (the global ``prices``, then the shipped list). Within
+    a layer an exact name wins over a glob and a longer glob over a shorter one."""
 
     def __init__(self, *tables: Mapping[str, Price]) -> None:
-        # Later tables override earlier ones for the same pattern.
-        merged: dict[str, Price] = {}
-        for table in tables:
-            merged.update(table)
-        self._exact = {k: v for k, v in merged.items() if not _is_glob(k)}
-        self._globs = sorted(
-            ((k, v) for k, v in merged.items() if _is_glob(k)), key=lambda kv: -len(kv[0])
-        )
+        self._layers = [
+            (
+                {k: v for k, v in table.items() if not _is_glob(k)},
+                sorted(
+                    ((k, v) for k, v in table.items() if _is_glob(k)), key=lambda kv: -len(kv[0])
+                ),
+            )
+            for table in reversed(tables)
+        ]
         self._cache: dict[str, Price | None] = {}
 
     def price(self, model: str | None) -> Price | None:
@@ -110,12 +113,16 @@ class PriceTable:
         if model in self._cache:
             return self._cache[model]
         name = model.rsplit("/", 1)[-1]  # "models/gemini-..." , "openai/gpt-4o"
-        found = self._exact.get(model) or self._exact.get(name)
-        if found is None:
-            for pattern, price in self._globs:
-                if fnmatch.fnmatchcase(model, pattern) or fnmatch.fnmatchcase(name, pattern):
-                    found = price
-                    break
+        found = None
+        for exact, globs in self._layers:
+            found = exact.get(model) or exact.get(name)
+            if found is None:
+                for pattern, price in globs:
+                    if fnmatch.fnmatchcase(model, pattern) or fnmatch.fnmatchcase(name, pattern):
+                        found = price
+                        break
+            if found is not None:
+                break
         if len(self._cache) < 4096:
             self._cache[model] = found
         return found
