@@ -249,8 +249,14 @@ def test_price_counts_cached_and_cache_write_tokens_apart() -> None:
 def test_price_table_precedence_and_patterns() -> None:
     table = PriceTable(DEFAULT_PRICES, {"gpt-4o*": Price(9.0, 9.0)}, {"gpt-4o-mini": Price(1, 1)})
     assert table.price("gpt-4o-2024-08-06") == Price(9.0, 9.0)  # config over shipped
-    assert table.price("gpt-4o-mini") == Price(1, 1)  # exact over glob
-    assert table.price("gpt-4o-mini-2024") == DEFAULT_PRICES["gpt-4o-mini*"]  # longest glob
+    assert table.price("gpt-4o-mini") == Price(1, 1)  # the connection's layer first
+    assert table.price("gpt-4o-mini-2024") == Price(9.0, 9.0)  # the config's glob covers it
+    shipped = PriceTable(DEFAULT_PRICES)
+    assert shipped.price("gpt-4o-mini-2024") == DEFAULT_PRICES["gpt-4o-mini*"]  # longest glob
+    assert shipped.price("gpt-4o-2024") == DEFAULT_PRICES["gpt-4o*"]
+    # A connection's catch-all beats the shipped prices of well-known names.
+    local = PriceTable(DEFAULT_PRICES, {}, {"*": Price(0.05, 0.05)})
+    assert local.price("gpt-4o") == Price(0.05, 0.05)
     assert table.price("models/gemini-2.5-flash") == DEFAULT_PRICES["gemini-2.5-flash*"]
     assert table.price("claude-sonnet-4-5-20250929") == DEFAULT_PRICES["claude-sonnet-4*"]
     assert table.price("my-local-model") is None
