@@ -123,6 +123,7 @@ class GatewayMetrics:
             registry=r,
         )
         self._models: set[str] = set()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def _model(self, name: str | None) -> str:
         if not name:
@@ -143,48 +144,55 @@ class GatewayMetrics:
     def stream_ended(self) -> None:
         self.in_flight_streams.dec()
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached: prometheus-client validates and locks on every
+        ``labels()`` call, which is most of what counting a request would cost."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def finished(self, ctx: RequestContext) -> None:
         """Count a finished request (called once per request, on the event loop)."""
         self.in_flight.dec()
+        child = self._child
         connection = ctx.connection or ""
         model = self._model(ctx.model if ctx.connection else None)
-        self.requests.labels(
-            ctx.endpoint,
-            connection,
-            model,
-            ctx.group or "",
-            str(ctx.status or ""),
+        group = ctx.group or ""
+        child(
+            self.requests, ctx.endpoint, connection, model, group, str(ctx.status or ""),
             ctx.outcome or "",
-        ).inc()
+        ).inc()  # fmt: skip
         stream = "true" if ctx.stream else "false"
         if ctx.duration is not None:
-            self.duration.labels(ctx.endpoint, connection, stream).observe(ctx.duration)
+            child(self.duration, ctx.endpoint, connection, stream).observe(ctx.duration)
         if ctx.time_to_first_chunk is not None:
-            self.ttft.labels(connection, stream).observe(ctx.time_to_first_chunk)
+            child(self.ttft, connection, stream).observe(ctx.time_to_first_chunk)
         overhead = ctx.internal.get("overhead_seconds")
         if isinstance(overhead, float):
-            self.overhead.labels(ctx.endpoint).observe(overhead)
+            child(self.overhead, ctx.endpoint).observe(overhead)
         usage = ctx.usage
         if isinstance(usage, dict):
             tokens = self.tokens
-            tokens.labels(connection, model, "prompt").inc(_n(usage.get("prompt_tokens")))
-            tokens.labels(connection, model, "completion").inc(_n(usage.get("completion_tokens")))
+            child(tokens, connection, model, "prompt").inc(_n(usage.get("prompt_tokens")))
+            child(tokens, connection, model, "completion").inc(_n(usage.get("completion_tokens")))
             details = usage.get("prompt_tokens_details")
-            if isinstance(details, dict):
-                tokens.labels(connection, model, "cached").inc(_n(details.get("cached_tokens")))
+            if isinstance(details, dict) and details.get("cached_tokens"):
+                child(tokens, connection, model, "cached").inc(_n(details.get("cached_tokens")))
             details = usage.get("completion_tokens_details")
-            if isinstance(details, dict):
-                tokens.labels(connection, model, "reasoning").inc(
+            if isinstance(details, dict) and details.get("reasoning_tokens"):
+                child(tokens, connection, model, "reasoning").inc(
                     _n(details.get("reasoning_tokens"))
                 )
         if ctx.cost:
-            self.cost.labels(connection, model, ctx.group or "").inc(ctx.cost)
+            child(self.cost, connection, model, group).inc(ctx.cost)
         if ctx.outcome == "cancelled":
-            self.cancellations.labels(connection, stream).inc()
+            child(self.cancellations, connection, stream).inc()
         if ctx.error_code == "rate_limit_exceeded" and ctx.outcome == "rejected":
-            self.rate_limited.labels(ctx.group or "").inc()
+            child(self.rate_limited, group).inc()
         if ctx.attempts > 1:
-            self.attempts.labels(connection).inc(ctx.attempts - 1)
+            child(self.attempts, connection).inc(ctx.attempts - 1)
 
     def close(self) -> None:
         """In multiprocess mode, drop this process's live gauges (in-flight counts) from the
