@@ -269,6 +269,8 @@ class LoggerRunner:
         self.dropped = 0
         self.written = 0
         self._in_hand = 0
+        #: How long a batch collects entries before it is written.
+        self.collect_seconds = 0.05
         self.on_drop: Callable[[str, int], None] | None = None
 
     def submit(self, ctx: RequestContext) -> None:
@@ -313,11 +315,14 @@ class LoggerRunner:
             try:
                 async for ctx in self._receive:
                     batch = [ctx]
-                    while len(batch) < logger.batch_size:
-                        try:
-                            batch.append(self._receive.receive_nowait())
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            break
+                    # Collect for a moment: one worker-thread hop per batch, not per request.
+                    # Taken with receive_nowait: each awaited receive() is a checkpoint, and
+                    # under load a checkpoint waits a whole scheduling round (that capped
+                    # delivery near 400 entries/s while 1,600 requests/s arrived).
+                    if not _drain(self._receive, batch, logger.batch_size):
+                        self._in_hand = len(batch)  # counted if the shutdown cuts the wait
+                        await trio.sleep(self.collect_seconds)
+                        _drain(self._receive, batch, logger.batch_size)
                     self._in_hand = len(batch)
                     await self._deliver(batch)
                     self._in_hand = 0
@@ -382,6 +387,21 @@ class LoggerRunner:
             except Exception:
                 log.exception("logger %s failed on request %s", self.name, ctx.id)
                 self._dropped(1, "it raised")
+
+
+def _drain(
+    channel: trio.MemoryReceiveChannel[RequestContext], batch: list[RequestContext], limit: int
+) -> bool:
+    """Move what ``channel`` holds into ``batch``, up to ``limit`` items, without waiting.
+    True when the batch is full or the channel has ended."""
+    while len(batch) < limit:
+        try:
+            batch.append(channel.receive_nowait())
+        except trio.WouldBlock:
+            return False
+        except trio.EndOfChannel:
+            return True
+    return True
 
 
 def logger_name(obj: Any, index: int) -> str:
