@@ -87,6 +87,8 @@ SSE_HEADERS = {
     "cache-control": "no-cache",
     "x-accel-buffering": "no",
 }
+#: On shutdown, time for delivering the last records on top of ``log_flush_seconds``.
+_SHUTDOWN_MARGIN_SECONDS = 5.0
 #: Upstream model lists are re-fetched after this long when fetching failed.
 _MODEL_LIST_FAILURE_TTL = 10.0
 
@@ -221,6 +223,7 @@ class Gateway:
         self._model_list_locks: dict[str, trio.Lock] = {}
         self._trusted = tuple(ipaddress.ip_network(n) for n in config.trusted_proxies)
         self.handlers: list[Handler] = [self._build_handler(ref) for ref in config.before]
+        self._background_done: trio.Event | None = None
         #: Prometheus metrics (None when ``metrics = false``).
         self.metrics = GatewayMetrics() if config.metrics else None
         self._price_tables = self._build_price_tables(config)
@@ -262,28 +265,49 @@ class Gateway:
         the server accepts requests they are open. After :meth:`aclose` the loggers write what
         is queued for at most ``log_flush_seconds``; what is left then is counted as dropped.
         """
-        async with contextlib.AsyncExitStack() as stack:
-            for extension in self._extensions():
-                lifetime = getattr(extension, "lifetime", None)
-                if callable(lifetime):
-                    await stack.enter_async_context(lifetime())
-            async with trio.open_nursery() as nursery:
+        done = self._background_done = trio.Event()
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                for extension in self._extensions():
+                    lifetime = getattr(extension, "lifetime", None)
+                    if callable(lifetime):
+                        await stack.enter_async_context(lifetime())
+                async with trio.open_nursery() as nursery:
+                    for runner in self.loggers:
+                        nursery.start_soon(runner.serve)
+                    await self.records.serve(task_status=task_status)
+                    # records.serve returns after aclose(): the loggers get a bounded flush.
+                    nursery.cancel_scope.deadline = (
+                        trio.current_time() + self.config.log_flush_seconds
+                    )
+        finally:
+            # Writers are released even when the host cancelled us (a database pool left
+            # open would hold the process); a close stuck on a dead server is abandoned.
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
                 for runner in self.loggers:
-                    nursery.start_soon(runner.serve)
-                await self.records.serve(task_status=task_status)
-                # records.serve returns after aclose(): the loggers get a bounded flush.
-                nursery.cancel_scope.deadline = trio.current_time() + self.config.log_flush_seconds
-            for runner in self.loggers:
-                await trio.to_thread.run_sync(runner.close_logger)
+                    await trio.to_thread.run_sync(runner.close_logger, abandon_on_cancel=True)
+            done.set()
 
     async def aclose(self) -> None:
-        """Close every connection's pool and extension, and stop background work after it
-        drains."""
+        """Stop background work after it drains, then close every connection's pool and
+        extension.
+
+        When :meth:`serve_background` runs, this waits for it to deliver the last records and
+        flush the loggers (at most ``log_flush_seconds`` plus a margin): servers cancel their
+        background tasks as soon as the shutdown hooks return, so the flush must happen here.
+        """
         self.records.close()
         for runner in self.loggers:
             runner.close()
         if self.metrics is not None:
             self.metrics.close()
+        done = self._background_done
+        if done is not None:
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(self.config.log_flush_seconds + _SHUTDOWN_MARGIN_SECONDS),
+            ):
+                await done.wait()
         with trio.CancelScope(shield=True), trio.move_on_after(10):
             closers = [(c.name, c.aclose) for c in self.connections.values()]
             closers += [

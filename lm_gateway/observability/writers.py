@@ -117,8 +117,17 @@ class SQLLogWriter:
             raise ValueError("db_url: must not be empty")
         self.db_url = db_url
         self.table_name = table_name
+        kwargs = dict(engine_kwargs or {})
+        url = sa.engine.make_url(db_url)
+        if url.get_backend_name() == "postgresql" and url.get_driver_name() in (
+            "psycopg",
+            "psycopg2",
+        ):
+            # libpq waits forever by default for a server that accepts and never answers;
+            # a writer thread stuck there would never retry.
+            kwargs.setdefault("connect_args", {}).setdefault("connect_timeout", 10)
         # pool_pre_ping: a connection the server dropped (a restart) is replaced, not used.
-        self._engine = sa.create_engine(db_url, pool_pre_ping=True, **(engine_kwargs or {}))
+        self._engine = sa.create_engine(db_url, pool_pre_ping=True, **kwargs)
         metadata = sa.MetaData()
         json_type = sa.JSON(none_as_null=True).with_variant(
             postgresql.JSONB(none_as_null=True), "postgresql"
@@ -172,14 +181,26 @@ class SQLLogWriter:
         for key in ("user_info", "prompt", "response"):
             if row[key] is not None:
                 row[key] = orjson.loads(_encode({"v": row[key]}))["v"]
-        created = row.get("created_at")
-        if isinstance(created, str):
-            row["created_at"] = dt.datetime.fromisoformat(created)
-        elif created is None:
-            row["created_at"] = dt.datetime.now(dt.UTC)
+        row["created_at"] = self._created_at(row.get("created_at"), row)
         if row.get("id") is None:
             row["id"] = os.urandom(8).hex()
         return row
+
+    @staticmethod
+    def _created_at(value: Any, row: dict[str, Any]) -> dt.datetime:
+        """A UTC timestamp: SQLite keeps no offset, so 12:00+02:00 must be stored as 10:00.
+        A value that is no timestamp becomes "now", and is kept in ``extra``."""
+        if isinstance(value, str):
+            try:
+                value = dt.datetime.fromisoformat(value)
+            except ValueError:
+                row["extra"] = {**(row["extra"] or {}), "created_at": value}
+                value = None
+        if not isinstance(value, dt.datetime):
+            return dt.datetime.now(dt.UTC)
+        if value.tzinfo is None:  # the gateway's own timestamps are UTC
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
 
     def write(self, entries: list[dict[str, Any]]) -> None:
         rows = [self._row(e) for e in entries]

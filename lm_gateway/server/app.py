@@ -125,6 +125,11 @@ def _to_response(reply: Reply | StreamReply) -> Response:
     return response
 
 
+def shutdown_seconds(gateway: Gateway) -> float:
+    """How long a graceful shutdown may take the gateway's background work (log flush)."""
+    return gateway.config.log_flush_seconds + 10.0
+
+
 def blueprint(
     config: ConfigSource = None, *, name: str = "lm_gateway", debug: bool | None = None
 ) -> Blueprint:
@@ -156,7 +161,17 @@ def blueprint(
     max_body = gateway.config.max_request_body_bytes
     metrics_port = gateway.config.metrics_port
 
-    bp.record_once(lambda state: install_request_scope(cast(Quart, state.app)))
+    def on_register(state: Any) -> None:
+        app = cast(Quart, state.app)
+        install_request_scope(app)
+        # Quart cancels background tasks this long after shutdown starts; the loggers' flush
+        # must fit (lm-gateway's own app sets it too; a host app's longer value is kept).
+        needed = shutdown_seconds(gateway)
+        current = app.config.get("BACKGROUND_TASK_SHUTDOWN_TIMEOUT")
+        if current is not None and current < needed:
+            app.config["BACKGROUND_TASK_SHUTDOWN_TIMEOUT"] = needed
+
+    bp.record_once(on_register)
 
     @bp.before_app_serving
     async def _start() -> None:

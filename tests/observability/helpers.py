@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 
@@ -18,10 +19,11 @@ class FailingWriter:
 
 
 class ListWriter:
-    """Keeps what it is given; ``fail_first`` writes raise first; ``gate`` (when set) makes
-    writes wait until it is set."""
+    """Keeps what it is given; ``fail_first`` writes raise first; each write takes ``delay``
+    seconds; ``gate`` (when set) makes writes wait until it is set."""
 
-    def __init__(self, fail_first: int = 0) -> None:
+    def __init__(self, fail_first: int = 0, delay: float = 0.0) -> None:
+        self.delay = delay
         self.entries: list[dict[str, Any]] = []
         self.fail_first = fail_first
         self.calls = 0
@@ -32,6 +34,7 @@ class ListWriter:
         self.calls += 1
         if self.gate is not None:
             self.gate.wait(30)
+        time.sleep(self.delay)
         if self.calls <= self.fail_first:
             raise ConnectionError(f"failure {self.calls}")
         self.entries.extend(entries)

@@ -411,7 +411,10 @@ async def test_shutdown_flushes_what_is_queued(tmp_path: Path) -> None:
     path = tmp_path / "flush.jsonl"
     logger = {"class": "BaseLogger", "batch_size": 1,
               "log_writer": {"class": "JsonLogWriter", "file_name": str(path)}}  # fmt: skip
-    async with run_gateway(echo(loggers=[logger])) as gateway:
+    writer_class = "tests.observability.helpers.ListWriter"
+    slow = {"class": "BaseLogger", "batch_size": 5,
+            "log_writer": {"class": writer_class, "delay": 0.02}}  # fmt: skip
+    async with run_gateway(echo(loggers=[logger, slow])) as gateway:
         client = openai.AsyncOpenAI(base_url=gateway.base_url, api_key=KEY, max_retries=0)
         async with trio.open_nursery() as nursery:
             for _ in range(50):
@@ -420,9 +423,13 @@ async def test_shutdown_flushes_what_is_queued(tmp_path: Path) -> None:
                         model="m", messages=[{"role": "user", "content": "x"}]
                     )
                 )
-        runner = gateway.app.gateway.loggers[0]
+        runner, slow_runner = gateway.app.gateway.loggers
+        writer = slow_runner.logger.log_writer  # type: ignore[union-attr]
+        assert len(writer.entries) < 50, "the slow writer should still have work queued"
     assert len(path.read_text().splitlines()) == 50
-    assert runner.dropped == 0
+    assert runner.dropped == 0 and slow_runner.dropped == 0
+    assert len(writer.entries) == 50
+    assert writer.closed  # and its resources were released
 
 
 # -- the stream accumulator ----------------------------------------------------------------------
