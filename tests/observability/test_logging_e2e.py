@@ -316,3 +316,50 @@ api_keys = ["{KEY}"]
     assert call["function"] == {"name": "lookup", "arguments": "".join(pieces)}
     assert tools["response"]["choices"][0]["finish_reason"] == "tool_calls"
     assert tools["completion_tokens"] is not None
+
+
+async def test_a_cancelled_stream_is_logged_with_the_usage_reported_so_far(tmp_path: Path) -> None:
+    """Anthropic reports input tokens (and cache reads) at the start of a stream: a client
+    leaving mid-answer is still billed for them, and the log says so."""
+    from tests.fakes.anthropic_upstream import message_stream_events, open_fake_anthropic
+
+    answer = {
+        "id": "msg_fake_long", "type": "message", "role": "assistant",
+        "model": "claude-sonnet-4-6",
+        "content": [{"type": "text", "text": "first second third fourth fifth"}],
+        "stop_reason": "end_turn", "stop_sequence": None, "stop_details": None,
+        "usage": {"input_tokens": 1200, "output_tokens": 5},
+    }  # fmt: skip
+    async with open_fake_anthropic(api_keys=["sk-ant"]) as fake:
+        config = {
+            "connections": {
+                "claude": {"api_type": "anthropic", "api_base": fake.base_url, "api_key": "sk-ant"}
+            },
+            "routing": {"claude*": "claude.*"},
+            "groups": {"default": {"api_keys": [KEY]}},
+            "loggers": [
+                {"class": "BaseLogger",
+                 "log_writer": {"class": "JsonLogWriter", "file_name": str(tmp_path / "a.jsonl")}}
+            ],
+        }  # fmt: skip
+        fake.push(Reply.stream_then_stall(message_stream_events(answer)[:6]))
+        async with run_gateway(config) as gateway:
+            client = openai.AsyncOpenAI(base_url=gateway.base_url, api_key=KEY, max_retries=0)
+            with trio.fail_after(GUARD):
+                stream = await client.chat.completions.create(
+                    model="claude-sonnet-4-6",
+                    messages=[{"role": "user", "content": "x"}],
+                    stream=True,
+                )
+                async for chunk in stream:
+                    if any(c.delta.content for c in chunk.choices):
+                        break
+                await stream.close()
+                await gateway.records.wait_for(lambda r: r.outcome == "cancelled")
+    (entry,) = read_jsonl(tmp_path / "a.jsonl")
+    assert entry["outcome"] == "cancelled" and entry["status"] == 499
+    assert entry["prompt_tokens"] == 1200
+    assert entry["cost"] == pytest.approx(
+        DEFAULT_PRICES["claude-sonnet-4*"].cost(entry | {"prompt_tokens_details": None})
+    )
+    assert entry["cost"] > 0
