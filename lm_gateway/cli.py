@@ -35,7 +35,12 @@ import attrs
 
 from . import __version__
 from .config import Config, apply_env_file, load_config, parse_bool_word
-from .config.model import EchoConnection, GoogleConnection, HTTPConnection
+from .config.model import (
+    EchoConnection,
+    GoogleConnection,
+    HTTPConnection,
+    TransformersConnection,
+)
 from .errors import ConfigError
 
 log = logging.getLogger("lm_gateway")
@@ -205,6 +210,8 @@ def describe(config: Config, warnings: Sequence[str]) -> str:
             what = f"{conn.api_type:<10} {conn.api_base}"
         elif isinstance(conn, EchoConnection):
             what = "echo"
+        elif isinstance(conn, TransformersConnection):
+            what = f"local      {conn.model} ({conn.device}, {conn.max_concurrency} at once)"
         else:
             target = conn.ref.import_path or repr(conn.ref.obj)
             what = f"custom     {target}"

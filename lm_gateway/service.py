@@ -268,7 +268,8 @@ class Gateway:
         done = self._background_done = trio.Event()
         try:
             async with contextlib.AsyncExitStack() as stack:
-                for extension in self._extensions():
+                # Connections too: a local model loads here, before the server takes requests.
+                for extension in [*self._extensions(), *self.connections.values()]:
                     lifetime = getattr(extension, "lifetime", None)
                     if callable(lifetime):
                         await stack.enter_async_context(lifetime())

@@ -123,6 +123,33 @@ class EchoConnection:
 
 
 @attrs.frozen
+class TransformersConnection:
+    """A local Hugging Face causal LM run in-process (``api_type = "transformers"``)."""
+
+    name: str
+    #: A local directory, or a model id already in the Hugging Face cache (no downloads).
+    model: str
+    #: ``cpu``, ``cuda``, ``cuda:1``, ``mps``, or ``auto`` (CUDA when available).
+    device: str = "auto"
+    #: ``auto`` (the checkpoint's), ``float32``, ``float16`` or ``bfloat16``.
+    dtype: str = "auto"
+    #: Generations running at once; more requests wait in a queue.
+    max_concurrency: int = 1
+    #: Requests waiting for a slot at most; beyond, 503.
+    max_queue: int = 16
+    #: ``max_new_tokens`` when the client sets no ``max_tokens``.
+    max_new_tokens: int = 512
+    #: Run code shipped with the model (off: a model directory is data, not a program).
+    trust_remote_code: bool = False
+    #: A Jinja chat template replacing the tokenizer's own.
+    chat_template: str | None = None
+    #: Extra keyword arguments for ``AutoModelForCausalLM.from_pretrained``.
+    model_kwargs: Mapping[str, Any] = attrs.field(factory=dict)
+    prices: Mapping[str, Mapping[str, float]] = attrs.field(factory=dict)
+    api_type: str = "transformers"
+
+
+@attrs.frozen
 class CustomConnection:
     """A user's own async callable or class acting as a connection (lm-proxy's convention)."""
 
@@ -132,7 +159,12 @@ class CustomConnection:
 
 
 ConnectionConfig = (
-    OpenAIConnection | AnthropicConnection | GoogleConnection | EchoConnection | CustomConnection
+    OpenAIConnection
+    | AnthropicConnection
+    | GoogleConnection
+    | EchoConnection
+    | TransformersConnection
+    | CustomConnection
 )
 
 

@@ -70,7 +70,6 @@ GOOGLE_API_TYPES = ("google", "google_ai_studio", "google_vertex_ai")
 
 #: ``api_type`` values recognised but not served yet, with the reason shown to the user.
 API_TYPES_NOT_SUPPORTED_YET: dict[str, str] = {
-    "transformers": "local transformers models are not supported yet",
     "azure": (
         "Azure OpenAI connections are not supported yet; Azure's OpenAI-compatible v1 endpoint "
         "works with api_type = 'openai', api_base = 'https://<resource>.openai.azure.com/openai/v1'"

@@ -34,6 +34,7 @@ from .model import (
     ModelListingMode,
     OpenAIConnection,
     RouteRule,
+    TransformersConnection,
 )
 from .names import (
     ANTHROPIC_API_BASE,
@@ -361,7 +362,7 @@ def _connection(name: str, value: Any, path: str, warnings: list[str]) -> Connec
         api_type = "openai"
     if api_type in API_TYPES_NOT_SUPPORTED_YET:
         t.fail("api_type", f"{API_TYPES_NOT_SUPPORTED_YET[api_type]} ({api_type_value!r})")
-    if t.has("model"):
+    if t.has("model") and api_type != "transformers":
         t.raw("model")
         warnings.append(f"{join_path(path, 'model')}: ignored (routing rules pick the model)")
     conn: ConnectionConfig
@@ -373,12 +374,16 @@ def _connection(name: str, value: Any, path: str, warnings: list[str]) -> Connec
         )
     elif api_type in OPENAI_COMPATIBLE_PLATFORMS:
         conn = _openai_connection(t, name, api_type)
+    elif api_type == "transformers":
+        conn = _transformers_connection(t, name)
     elif api_type == "anthropic":
         conn = _anthropic_connection(t, name)
     elif api_type in GOOGLE_API_TYPES:
         conn = _google_connection(t, name, vertex_default=api_type == "google_vertex_ai")
     else:
-        supported = sorted({*OPENAI_COMPATIBLE_PLATFORMS, "echo", "anthropic", *GOOGLE_API_TYPES})
+        supported = sorted(
+            {*OPENAI_COMPATIBLE_PLATFORMS, "echo", "anthropic", "transformers", *GOOGLE_API_TYPES}
+        )
         t.fail(
             "api_type", f"unknown api_type {api_type_value!r}; supported: {', '.join(supported)}"
         )
@@ -472,6 +477,75 @@ def _string_list(t: _Table, key: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         t.fail(key, "expected a list of strings (or one comma-separated string)")
     return tuple(v.strip() for v in value)
+
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def _transformers_connection(t: _Table, name: str) -> TransformersConnection:
+    """lm-proxy's keys are accepted: ``chat_mode`` (only true), and ``init_params`` whose
+    ``device``/``dtype``/``torch_dtype``/``trust_remote_code`` are ours and whose other keys
+    go to ``from_pretrained``."""
+    model = t.string("model", "").strip()
+    if not model:
+        t.fail(
+            "model",
+            "a transformers connection needs model: a local directory or a model "
+            "id already in the Hugging Face cache",
+        )
+    if not t.boolean("chat_mode", True):
+        t.fail("chat_mode", "only chat mode is served (the tokenizer's chat template)")
+    init = _Table(t.table("init_params"), join_path(t.path, "init_params"))
+    kwargs: dict[str, Any] = {}
+    device = t.string("device", "auto")
+    dtype = t.string("dtype", "auto")
+    trust = t.boolean("trust_remote_code", False)
+    for key, value in init.data.items():
+        init.seen.add(key)
+        if key == "device":
+            device = init.string("device", device)
+        elif key in ("dtype", "torch_dtype"):
+            dtype = init.string(key, dtype)
+        elif key == "trust_remote_code":
+            trust = init.boolean(key, trust)
+        elif key in (
+            "model",
+            "tokenizer",
+            "inference",
+            "quantize_4bit",
+            "use_pipeline",
+            "pipeline_task",
+            "gradient_checkpointing",
+            "always_clear_mem",
+        ):
+            init.fail(key, "is not supported by lm-gateway's transformers connection")
+        else:
+            kwargs[str(key)] = value
+    device = device.strip().lower()
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        t.fail("device", f"expected auto, cpu, cuda, cuda:N or mps, got {device!r}")
+    dtype = dtype.strip().lower()
+    if dtype not in _DTYPES:
+        t.fail("dtype", f"expected one of {', '.join(_DTYPES)}, got {dtype!r}")
+    template = t.string("chat_template", None)
+    return TransformersConnection(
+        name=name,
+        model=model,
+        device=device,
+        dtype=dtype,
+        max_concurrency=t.integer("max_concurrency", 1, minimum=1),
+        max_queue=t.integer("max_queue", 16, minimum=0),
+        max_new_tokens=t.integer("max_new_tokens", 512, minimum=1),
+        trust_remote_code=trust,
+        chat_template=template if template and template.strip() else None,
+        model_kwargs={**kwargs, **_plain_table(t, "model_kwargs")},
+        prices=_prices(t, "prices"),
+    )
+
+
+def _plain_table(t: _Table, key: str) -> dict[str, Any]:
+    value = t.table(key)
+    return {str(k): v for k, v in value.items()}
 
 
 def _anthropic_connection(t: _Table, name: str) -> AnthropicConnection:

@@ -9,6 +9,7 @@ from ..config.model import (
     EchoConnection,
     GoogleConnection,
     OpenAIConnection,
+    TransformersConnection,
 )
 from ..config.resolve import resolve_extension
 from ..errors import ConfigError
@@ -47,6 +48,10 @@ def build_connection(config: ConnectionConfig) -> Connection:
         return GoogleProvider(config)
     if isinstance(config, EchoConnection):
         return EchoProvider(config)
+    if isinstance(config, TransformersConnection):
+        from .local import TransformersProvider
+
+        return TransformersProvider(config)
     if isinstance(config, CustomConnection):
         obj = resolve_extension(config.ref)
         try:
