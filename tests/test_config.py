@@ -596,8 +596,6 @@ def test_resolve_env_refs_property(data: dict[str, Any], environ: dict[str, str]
 @pytest.mark.parametrize(
     ("api_type", "words"),
     [
-        ("transformers", "local transformers models are not supported yet"),
-        ("Transformers", "not supported yet"),
         ("azure", "api_type = 'openai'"),
         ("function", "not supported"),
     ],
