@@ -9,7 +9,6 @@ disconnect stops the generation" by the generation's own step count and its free
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transf
         raise RuntimeError("torch and transformers must be installed (pip install -e '.[test]')")
     pytest.skip("torch/transformers are not installed", allow_module_level=True)
 
-from tests.local.tiny_model import build_tiny_model  # noqa: E402
+from tests.local.tiny_model import build_tiny_model
 
 KEY = "sk-local"
 GUARD = 60
@@ -94,7 +93,8 @@ async def test_completion_streamed_and_not_agree(tiny_dir: Path) -> None:
         assert done.usage.completion_tokens == 12
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == choice.message.content
-    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    finishes = [f for f in finishes if f]
     assert finishes == [choice.finish_reason]
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].usage == done.usage
@@ -159,7 +159,8 @@ async def test_n_returns_every_choice(endless_dir: Path) -> None:
             chunks = [c async for c in stream]
     assert [c.index for c in sampled.choices] == [0, 1]
     assert all(c.message.content for c in sampled.choices)
-    assert [c.message.content for c in again.choices] == [c.message.content for c in sampled.choices]
+    contents = [c.message.content for c in sampled.choices]
+    assert [c.message.content for c in again.choices] == contents
     assert sampled.choices[0].message.content != sampled.choices[1].message.content
     assert sampled.usage is not None and sampled.usage.completion_tokens == 16
     assert len({c.message.content for c in greedy.choices}) == 1
@@ -245,21 +246,21 @@ async def test_client_disconnect_stops_the_generation(endless_dir: Path) -> None
 
 
 async def test_a_full_queue_answers_503_at_once(endless_dir: Path) -> None:
-    async with run_gateway(config(endless_dir, max_concurrency=1, max_queue=0)) as gateway:
-        async with httpx2.AsyncClient(timeout=GUARD) as http:
-            with trio.fail_after(GUARD):
-                response = await stream_until_first_token(gateway, http, max_tokens=LONG)
-                try:
-                    with pytest.raises(openai.APIStatusError) as busy:
-                        await client(gateway).chat.completions.create(
-                            model="tiny", messages=MESSAGES, max_tokens=2
-                        )
-                    with pytest.raises(openai.APIStatusError) as busy_stream:
-                        await client(gateway).chat.completions.create(
-                            model="tiny", messages=MESSAGES, max_tokens=2, stream=True
-                        )
-                finally:
-                    await response.aclose()
+    settings = config(endless_dir, max_concurrency=1, max_queue=0)
+    async with run_gateway(settings) as gateway, httpx2.AsyncClient(timeout=GUARD) as http:
+        with trio.fail_after(GUARD):
+            response = await stream_until_first_token(gateway, http, max_tokens=LONG)
+            try:
+                with pytest.raises(openai.APIStatusError) as busy:
+                    await client(gateway).chat.completions.create(
+                        model="tiny", messages=MESSAGES, max_tokens=2
+                    )
+                with pytest.raises(openai.APIStatusError) as busy_stream:
+                    await client(gateway).chat.completions.create(
+                        model="tiny", messages=MESSAGES, max_tokens=2, stream=True
+                    )
+            finally:
+                await response.aclose()
     for error in (busy.value, busy_stream.value):
         assert error.status_code == 503
         assert error.response.headers["retry-after"] == "1"
@@ -359,14 +360,13 @@ def test_lm_proxy_init_params_are_read(tiny_dir: Path) -> None:
 
 
 @pytest.fixture
-def no_torch(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def no_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util,
         "find_spec",
         lambda name, *a: None if name in ("torch", "transformers") else real(name, *a),
     )
-    yield
 
 
 def test_without_torch_a_local_connection_says_what_to_install(
@@ -375,3 +375,21 @@ def test_without_torch_a_local_connection_says_what_to_install(
     with pytest.raises(ConfigError) as info:
         Gateway(config_from(config(tiny_dir)))
     assert "pip install 'lm-gateway[local]'" in info.value.message
+
+
+def test_the_gateway_never_imports_torch_without_a_local_connection() -> None:
+    """Startup stays fast (and works without torch) unless a local model is configured."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lm_gateway\n"
+        "from lm_gateway.providers import local\n"  # the module itself imports lazily
+        "app = lm_gateway.create_app(None)\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(\n"
+        "    m for m in sys.modules if m.startswith(('torch', 'transformers')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr

@@ -28,8 +28,12 @@ def build_tiny_model(path: Path, *, endless: bool = False, seed: int = 0) -> Pat
     ``max_new_tokens``."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-    from transformers import PreTrainedTokenizerFast
+    from transformers import (
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
 
     path.mkdir(parents=True, exist_ok=True)
     bpe = Tokenizer(models.BPE())
