@@ -10,7 +10,7 @@ generation runs in a worker thread too:
 * **Streaming**: a streamer object receives each step's tokens inside ``generate`` (in the
   worker thread), turns them into text deltas per choice and hands them to the request's task
   through a bounded trio channel (``trio.from_thread.run``), so a slow client slows generation
-  down instead of growing a buffer.
+  down instead of growing a buffer. The role chunk goes out with the first token.
 * **Cancellation**: a stopping criterion checks a flag before every step. The request's task
   sets it when it is cancelled (the client left, the deadline passed) or when every choice has
   finished; then it waits for the thread to return. So no thread keeps generating for nobody,
@@ -576,10 +576,15 @@ class LocalStream:
             "model": plan.model,
         }
         self._n = plan.n
-        # The role chunk goes first, before any generation (time to first byte stays low).
-        self._send.send_nowait(
-            [self._chunk(i, {"role": "assistant", "content": ""}) for i in range(plan.n)]
-        )
+        # The role chunks go out with the first token, as upstream providers do: the answer's
+        # headers (and the time-to-first-token metric) then mean "the model has started".
+        self._role_sent = False
+
+    def _roles(self) -> list[JSONObject]:
+        if self._role_sent:
+            return []
+        self._role_sent = True
+        return [self._chunk(i, {"role": "assistant", "content": ""}) for i in range(self._n)]
 
     def _chunk(self, index: int, delta: JSONObject, finish: str | None = None) -> JSONObject:
         return {
@@ -591,7 +596,7 @@ class LocalStream:
 
     def emit_from_thread(self, pieces: list[tuple[int, str, str | None]]) -> None:
         """Called in the worker thread: send chunks, waiting while the client is behind."""
-        batch = []
+        batch = self._roles()
         for index, text, finish in pieces:
             if text:
                 batch.append(self._chunk(index, {"content": text}))
@@ -601,7 +606,9 @@ class LocalStream:
 
     async def finish(self, job: _Generation) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self._send.send([{**self._base, "choices": [], "usage": job.usage()}])
+            await self._send.send(
+                [*self._roles(), {**self._base, "choices": [], "usage": job.usage()}]
+            )
             await self._send.send(None)
 
     async def fail(self, error: GatewayError) -> None:
