@@ -39,6 +39,7 @@ from .config.model import (
     EchoConnection,
     GoogleConnection,
     HTTPConnection,
+    StrategyConnection,
     TransformersConnection,
 )
 from .errors import ConfigError
@@ -210,6 +211,11 @@ def describe(config: Config, warnings: Sequence[str]) -> str:
             what = f"{conn.api_type:<10} {conn.api_base}"
         elif isinstance(conn, EchoConnection):
             what = "echo"
+        elif isinstance(conn, StrategyConnection):
+            targets = ", ".join(
+                f"{t.connection}.{t.model}" if t.model else t.connection for t in conn.targets
+            )
+            what = f"strategy   {conn.order}: {targets}"
         elif isinstance(conn, TransformersConnection):
             what = f"local      {conn.model} ({conn.device}, {conn.max_concurrency} at once)"
         else:

@@ -80,6 +80,10 @@ class RequestContext:
     time_to_first_chunk: float | None = None
     #: Upstream attempts made (more than 1 after fallbacks or retries).
     attempts: int = 1
+    #: Each attempt: connection, model, outcome (ok, error, cancelled, skipped), error, seconds.
+    attempt_log: list[dict[str, Any]] = attrs.field(factory=list)
+    #: ``connection/model`` that produced the answer (differs from the route for strategies).
+    served_by: str | None = None
     #: What the request cost in US dollars, when the model has a price (see ``prices``).
     cost: float | None = None
     #: Bookkeeping of the gateway's own extensions (never logged).

@@ -48,7 +48,7 @@ from .auth import (
     extract_api_key,
     normalize_check_result,
 )
-from .config.model import Config, ExtensionRef, Group
+from .config.model import Config, ConnectionConfig, ExtensionRef, Group, StrategyConnection
 from .config.resolve import resolve_extension
 from .context import Outcome, RequestContext
 from .errors import (
@@ -69,6 +69,7 @@ from .observability.metrics import GatewayMetrics
 from .providers import ChatCall, ChatStream, Connection, build_connection, close_quietly
 from .providers.fanout import fan_out_chat, fan_out_stream, has_native_n
 from .routing import Route, Router, allowed_model, is_pattern
+from .strategies import StrategyProvider, guard
 from .wire.openai import (
     StreamAccumulator,
     StreamTally,
@@ -217,8 +218,14 @@ class Gateway:
         # Building a connection opens no sockets (pools connect on first use), so a failure
         # half-way leaves nothing to release.
         self.connections: dict[str, Connection] = {
-            name: build_connection(conn_config) for name, conn_config in config.connections.items()
+            name: self._build_connection(conn_config)
+            for name, conn_config in config.connections.items()
         }
+        for name, connection in self.connections.items():
+            if isinstance(connection, StrategyProvider):
+                problems = connection.check_targets(self.connections)
+                if problems:
+                    raise ConfigError("; ".join(problems), f"connections.{name}.targets")
         self._model_lists: dict[str, tuple[float, list[dict[str, Any]] | None]] = {}
         self._model_list_locks: dict[str, trio.Lock] = {}
         self._trusted = tuple(ipaddress.ip_network(n) for n in config.trusted_proxies)
@@ -364,6 +371,13 @@ class Gateway:
         )
 
     @staticmethod
+    def _build_connection(conn_config: ConnectionConfig) -> Connection:
+        """A strategy, or a connection inside its guard (retries, cooldown, attempt log)."""
+        if isinstance(conn_config, StrategyConnection):
+            return StrategyProvider(conn_config)
+        return guard(build_connection(conn_config), getattr(conn_config, "resilience", None))
+
+    @staticmethod
     def _build_price_tables(config: Config) -> dict[str, PriceTable]:
         """One price table per connection: shipped prices, then ``prices``, then the
         connection's own ``prices``."""
@@ -403,8 +417,10 @@ class Gateway:
         """A request has finished (exactly once): account for it and hand it to the access
         log, listeners, loggers and metrics. Never blocks, never raises."""
         try:
-            if ctx.usage is not None and ctx.connection in self._price_tables:
-                ctx.cost = self._price_tables[ctx.connection].cost(ctx.upstream_model, ctx.usage)
+            # Priced where it was served (a strategy's target), else where it was routed.
+            where, model = ctx.internal.get("served") or (ctx.connection, ctx.upstream_model)
+            if ctx.usage is not None and where in self._price_tables:
+                ctx.cost = self._price_tables[where].cost(model, ctx.usage)
             ctx.internal["overhead_seconds"] = self._overhead(ctx)
             if self.metrics is not None:
                 self.metrics.finished(ctx)
@@ -431,6 +447,28 @@ class Gateway:
             return max(0.0, t0 - ctx.started)
         until = ctx.time_to_first_chunk if ctx.stream and ctx.time_to_first_chunk else duration
         return max(0.0, until - (t1 - t0))
+
+    @staticmethod
+    def _note_attempts(record: RequestContext, call: ChatCall) -> None:
+        """Copy the call's attempts into the record and the answer's headers:
+        ``x-lm-gateway-connection`` (who answered), ``x-lm-gateway-attempts`` (tries made) and,
+        after failures, ``x-lm-gateway-fallback-reason`` (the first one)."""
+        attempts = call.attempts
+        if not attempts:
+            return
+        record.attempt_log = [a.to_dict() for a in attempts]
+        record.attempts = max(1, sum(1 for a in attempts if a.outcome != "skipped"))
+        headers = record.response_headers
+        headers["x-lm-gateway-attempts"] = str(record.attempts)
+        ok = next((a for a in reversed(attempts) if a.outcome == "ok"), None)
+        if ok is None:
+            return
+        record.served_by = f"{ok.connection}/{ok.model}"
+        record.internal["served"] = (ok.connection, ok.model)
+        headers["x-lm-gateway-connection"] = ok.connection
+        failed = next((a for a in attempts if a.outcome in ("error", "skipped")), None)
+        if failed is not None:
+            headers["x-lm-gateway-fallback-reason"] = f"{failed.connection}: {failed.error}"
 
     def _new_record(self, request: IncomingRequest, endpoint: str) -> RequestContext:
         if self.metrics is not None:
@@ -625,6 +663,17 @@ class Gateway:
         except trio.Cancelled:
             self._record_cancelled(record)
             raise
+        except BaseExceptionGroup as group:
+            # A nursery inside the call (a strategy's attempts, a fan-out) cancelled with its
+            # request: the cancellations arrive grouped.
+            if group.subgroup(trio.Cancelled) is not None:
+                self._record_cancelled(record)
+                raise
+            log.exception("request %s failed unexpectedly", record.id)
+            return self._error_reply(
+                InternalError("The gateway failed to process the request.", detail=repr(group)),
+                record,
+            )
         except Exception as exc:
             log.exception("request %s failed unexpectedly", record.id)
             return self._error_reply(
@@ -682,6 +731,7 @@ class Gateway:
                 finally:
                     # Answered or failed: the upstream's part of the time ends here.
                     record.internal["upstream_t1"] = time.perf_counter()
+                    self._note_attempts(record, call)
                 record.mark_first_chunk()
                 body = result.body
                 body["model"] = model
@@ -696,10 +746,13 @@ class Gateway:
                 reply = self._ok_reply(record, body)
                 reply.headers.update(result.headers)
                 return reply
-            if fan_out:
-                upstream = await fan_out_stream(connection, call, n)
-            else:
-                upstream = await connection.open_chat_stream(call)
+            try:
+                if fan_out:
+                    upstream = await fan_out_stream(connection, call, n)
+                else:
+                    upstream = await connection.open_chat_stream(call)
+            finally:
+                self._note_attempts(record, call)
             relay = SSERelay(
                 self,
                 upstream,

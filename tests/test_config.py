@@ -33,6 +33,7 @@ from lm_gateway.config import (
     read_config_data,
 )
 from lm_gateway.config.load import EMBEDDED_DEFAULT_NAME, read_env_file
+from lm_gateway.config.model import StrategyConnection
 from lm_gateway.config.names import (
     BUILTIN_ALLOW_ALL,
     OPENAI_COMPATIBLE_PLATFORMS,
@@ -664,10 +665,11 @@ def test_init_params_map_onto_our_keys() -> None:
     assert conn.api_key == "sk-init"
 
 
-def test_init_params_retries_are_not_supported_yet() -> None:
-    err = config_error(with_value(("connections", "openai", "init_params", "max_retries"), 2))
-    assert err.path == "connections.openai.init_params.max_retries"
-    assert "not supported yet" in err.message
+def test_init_params_retries_become_max_retries() -> None:
+    config = build(with_value(("connections", "openai", "init_params", "max_retries"), 2))
+    conn = config.connections["openai"]
+    assert isinstance(conn, OpenAIConnection)
+    assert conn.resilience.max_retries == 2
 
 
 def test_model_key_in_a_connection_is_a_warning() -> None:
@@ -946,7 +948,6 @@ def test_canonical_names(name: str, ours: str) -> None:
 @pytest.mark.parametrize(
     "name",
     [
-        "lm_proxy.strategies.Fallback",
         "lm_proxy_db_connector.DBLogger",
     ],
 )
@@ -978,15 +979,18 @@ def test_check_api_key_with_request_resolves_to_ours(check: Any) -> None:
     )
 
 
-def test_fallback_connection_is_not_supported_yet() -> None:
+def test_lm_proxy_fallback_connection_becomes_a_strategy() -> None:
     data = minimal()
     data["connections"]["fb"] = {
         "class": "lm_proxy.strategies.Fallback",
-        "connections": ["openai"],
+        "connections": ["openai.gpt-4o", {"openai": {"temperature": 0}}],
     }
-    err = config_error(data)
-    assert err.path == "connections.fb.class"
-    assert "fallback strategies are not supported yet" in err.message
+    conn = build(data).connections["fb"]
+    assert isinstance(conn, StrategyConnection)
+    assert [(t.connection, t.model, dict(t.params)) for t in conn.targets] == [
+        ("openai", "gpt-4o", {}),
+        ("openai", None, {"temperature": 0}),
+    ]
 
 
 def test_before_handlers_resolve_lm_proxy_names() -> None:

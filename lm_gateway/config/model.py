@@ -32,6 +32,60 @@ class ExtensionRef:
 
 
 @attrs.frozen
+class Resilience:
+    """Retries and cooldown of one connection (see doc/resilience.md)."""
+
+    #: Further tries of a failed call (connect errors, timeouts, 429, 5xx) before giving up.
+    max_retries: int = 0
+    #: Backoff before retry k: a random time up to min(max, base * 2**k) ("full jitter").
+    retry_backoff_seconds: float = 0.5
+    retry_max_backoff_seconds: float = 10.0
+    #: A ``Retry-After`` longer than this is not waited for (the error goes back instead).
+    retry_after_max_seconds: float = 30.0
+    #: Consecutive failures that put the connection in cooldown (0: never).
+    cooldown_after_failures: int = 5
+    #: How long a cooldown lasts before one request probes the connection again.
+    cooldown_seconds: float = 30.0
+
+
+@attrs.frozen
+class Target:
+    """One target of a strategy: a connection, optionally a model and request overrides."""
+
+    connection: str
+    model: str | None = None
+    params: Mapping[str, Any] = attrs.field(factory=dict)
+    weight: float = 1.0
+
+
+#: Upstream statuses a strategy falls over for by default: timeouts, conflicts, rate limits,
+#: server errors and Anthropic's "overloaded".
+DEFAULT_FALLBACK_STATUSES = (408, 409, 429, 500, 502, 503, 504, 529)
+
+StrategyOrder = Literal["sequential", "weighted", "round_robin", "least_in_flight", "latency"]
+
+
+@attrs.frozen
+class StrategyConnection:
+    """A connection made of other connections: fallback, load balancing, hedging."""
+
+    name: str
+    targets: tuple[Target, ...]
+    #: How targets are ordered per request (the first is tried first, the rest are fallbacks).
+    order: StrategyOrder = "sequential"
+    #: Try the next target when one fails with an error worth it (off: only the first is used).
+    fallback: bool = True
+    #: Start the next target when the current one has not produced its first token in this
+    #: long; the first to produce one wins (None: no hedging).
+    hedge_after_seconds: float | None = None
+    #: Upstream statuses worth falling over for (connect errors and timeouts always are).
+    fallback_on_status: tuple[int, ...] = DEFAULT_FALLBACK_STATUSES
+    #: Where a request goes when its prompt is too long for a target.
+    on_context_length: Target | None = None
+    api_type: str = "strategy"
+
+
+@attrs.frozen
 class HTTPConnection:
     """What every HTTP upstream connection has: where it is, its key, and transport settings."""
 
@@ -54,6 +108,7 @@ class HTTPConnection:
     verify_ssl: bool | str = True
     #: Price overrides for this connection's models (same shape as the top-level ``prices``).
     prices: Mapping[str, Mapping[str, float]] = attrs.field(factory=dict)
+    resilience: Resilience = attrs.field(factory=Resilience)
     api_type: str = "openai"
 
 
@@ -164,6 +219,7 @@ ConnectionConfig = (
     | GoogleConnection
     | EchoConnection
     | TransformersConnection
+    | StrategyConnection
     | CustomConnection
 )
 

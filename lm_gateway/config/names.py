@@ -10,6 +10,8 @@ from __future__ import annotations
 
 BUILTIN_CONFIG_KEY_CHECK = "lm_gateway.auth.check_api_key_in_config"
 BUILTIN_ALLOW_ALL = "lm_gateway.auth.AllowAll"
+#: lm-proxy's fallback strategy class; read by the config schema into a strategy connection.
+FALLBACK_CLASS = "lm_gateway.strategies.Fallback"
 
 #: lm-proxy import paths -> ours. Short names (``AllowAll``) are accepted as well.
 LM_PROXY_ALIASES: dict[str, str] = {
@@ -26,11 +28,11 @@ LM_PROXY_ALIASES: dict[str, str] = {
     "LogEntryTransformer": "lm_gateway.observability.loggers.LogEntryTransformer",
     "JsonLogWriter": "lm_gateway.observability.writers.JsonLogWriter",
     "SQLLogWriter": "lm_gateway.observability.writers.SQLLogWriter",
+    "Fallback": FALLBACK_CLASS,
 }
 
 #: Built-ins that are planned but not implemented yet, with the reason shown to the user.
 NOT_SUPPORTED_YET: dict[str, str] = {
-    "Fallback": "fallback strategies are not supported yet",
     "DBLogWriter": (
         "lm-proxy-db-connector's DBLogWriter is not supported; use "
         "lm_gateway.observability.writers.SQLLogWriter with db_url (see doc/observability.md)"

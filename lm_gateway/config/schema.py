@@ -23,6 +23,7 @@ from typing import Any, Literal, NoReturn, TypeVar, cast
 
 from ..errors import ConfigError
 from .model import (
+    DEFAULT_FALLBACK_STATUSES,
     AnthropicConnection,
     Config,
     ConnectionConfig,
@@ -33,7 +34,11 @@ from .model import (
     Group,
     ModelListingMode,
     OpenAIConnection,
+    Resilience,
     RouteRule,
+    StrategyConnection,
+    StrategyOrder,
+    Target,
     TransformersConnection,
 )
 from .names import (
@@ -41,6 +46,7 @@ from .names import (
     ANTHROPIC_DEFAULT_VERSION,
     API_TYPES_NOT_SUPPORTED_YET,
     BUILTIN_CONFIG_KEY_CHECK,
+    FALLBACK_CLASS,
     GEMINI_API_BASE,
     GOOGLE_API_TYPES,
     OPENAI_COMPATIBLE_PLATFORMS,
@@ -351,10 +357,27 @@ def _connection(name: str, value: Any, path: str, warnings: list[str]) -> Connec
             "'connection.model')",
             path,
         )
+    if (
+        isinstance(value, Mapping)
+        and isinstance(value.get("class"), str)
+        and canonical_name(value["class"].strip()) == FALLBACK_CLASS
+    ):
+        # lm-proxy's Fallback: connections = ["conn.model", {conn = {overrides}}].
+        options = {k: v for k, v in value.items() if k not in ("class", "connections")}
+        return strategy_from(name, path, value.get("connections"), options=options)
     if not isinstance(value, Mapping) or "class" in value:
         ref = _extension(value, path, what="connection", any_object=True)
         return CustomConnection(name=name, ref=ref)
 
+    if "targets" in value:
+        options = {k: v for k, v in value.items() if k not in ("targets", "api_type")}
+        kind = str(value.get("api_type", "strategy")).strip().lower()
+        if kind != "strategy":
+            raise ConfigError(
+                f"'targets' makes a strategy connection; api_type must be 'strategy', got {kind!r}",
+                join_path(path, "api_type"),
+            )
+        return strategy_from(name, path, value["targets"], options=options)
     t = _Table(value, path)
     api_type_value = t.string("api_type", "")
     api_type = api_type_value.strip().lower()
@@ -391,6 +414,100 @@ def _connection(name: str, value: Any, path: str, warnings: list[str]) -> Connec
     return conn
 
 
+def _resilience(t: _Table, init_retries: int | None) -> Resilience:
+    """Retry and cooldown settings; lm-proxy's ``init_params.max_retries`` counts too."""
+    retries = t.integer("max_retries", init_retries if init_retries is not None else 0)
+    return Resilience(
+        max_retries=retries,
+        retry_backoff_seconds=t.seconds("retry_backoff_seconds", 0.5),
+        retry_max_backoff_seconds=t.seconds("retry_max_backoff_seconds", 10.0),
+        retry_after_max_seconds=t.seconds("retry_after_max_seconds", 30.0, positive=False),
+        cooldown_after_failures=t.integer("cooldown_after_failures", 5),
+        cooldown_seconds=t.seconds("cooldown_seconds", 30.0),
+    )
+
+
+_ORDERS = ("sequential", "weighted", "round_robin", "least_in_flight", "latency")
+
+
+def _target(value: Any, path: str) -> Target:
+    """``"conn"``, ``"conn.model"``, ``{connection = "conn", model = ..., params = {...},
+    weight = 2}``, or lm-proxy's ``{conn = {overrides}}``."""
+    if isinstance(value, str):
+        name, _, model = value.strip().partition(".")
+        if not name:
+            raise ConfigError("empty target", path)
+        return Target(connection=name, model=model or None)
+    if isinstance(value, Mapping) and "connection" in value:
+        t = _Table(value, path)
+        name = t.string("connection", "").strip()
+        if not name:
+            t.fail("connection", "must not be empty")
+        chosen: str | None = t.string("model", None)
+        weight = t.seconds("weight", 1.0, unit="weight units")
+        params = dict(t.table("params"))
+        t.finish()
+        return Target(connection=name, model=chosen, params=params, weight=weight)
+    if isinstance(value, Mapping) and len(value) == 1:
+        ((key, overrides),) = value.items()
+        if not isinstance(overrides, Mapping):
+            raise ConfigError(
+                "a target table is {connection = ..., model = ..., params = {...}} or "
+                "lm-proxy's {connection_name = {overrides}}",
+                path,
+            )
+        name, _, suffix = str(key).partition(".")
+        overrides_ = {str(k): v for k, v in overrides.items()}
+        override_model = str(overrides_.pop("model", "") or suffix) or None
+        return Target(connection=name, model=override_model, params=overrides_)
+    raise ConfigError(
+        f"expected 'connection', 'connection.model' or a table, got {_type_name(value)}", path
+    )
+
+
+def strategy_from(
+    name: str, path: str, targets: Any, *, options: Mapping[str, Any]
+) -> StrategyConnection:
+    """Build a strategy from its targets and options (also used by lm-proxy's ``Fallback``).
+
+    Raises:
+        ConfigError: naming the key at fault.
+    """
+    t = _Table(options, path)
+    if not isinstance(targets, list) or not targets:
+        raise ConfigError(
+            "a strategy needs a non-empty list of targets", join_path(path, "targets")
+        )
+    parsed = tuple(
+        _target(item, join_path(join_path(path, "targets"), i)) for i, item in enumerate(targets)
+    )
+    order = t.string("order", "sequential")
+    if order not in _ORDERS:
+        t.fail("order", f"expected one of {', '.join(_ORDERS)}, got {order!r}")
+    statuses = t.raw("fallback_on_status")
+    status_tuple: tuple[int, ...] = DEFAULT_FALLBACK_STATUSES
+    if statuses is not None:
+        if not isinstance(statuses, list) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 400 <= s < 600 for s in statuses
+        ):
+            t.fail("fallback_on_status", "expected a list of HTTP statuses (400-599)")
+        status_tuple = tuple(statuses)
+    context = t.raw("on_context_length")
+    strategy = StrategyConnection(
+        name=name,
+        targets=parsed,
+        order=cast(StrategyOrder, order),
+        fallback=t.boolean("fallback", True),
+        hedge_after_seconds=t.seconds("hedge_after_seconds", None),
+        fallback_on_status=status_tuple,
+        on_context_length=_target(context, join_path(path, "on_context_length"))
+        if context is not None
+        else None,
+    )
+    t.finish()
+    return strategy
+
+
 def _http_fields(
     t: _Table, *, default_base: str | None, key_aliases: tuple[str, ...] = ()
 ) -> dict[str, Any]:
@@ -405,9 +522,7 @@ def _http_fields(
     init = _Table(t.table("init_params"), join_path(t.path, "init_params"))
     if init.has("timeout"):
         request_timeout = init.seconds("timeout", None)
-    retries = init.integer("max_retries", 0)
-    if retries:
-        init.fail("max_retries", "upstream retries are not supported yet (set 0 or remove it)")
+    retries = init.integer("max_retries", None)
     headers.update(init.str_map("default_headers"))
     api_base = _one_of(init, "base_url") or api_base
     api_key = _one_of(init, "api_key") or api_key
@@ -436,6 +551,7 @@ def _http_fields(
         "api_key": api_key.strip() if api_key else None,
         "http_headers": headers,
         "prices": _prices(t, "prices"),
+        "resilience": _resilience(t, retries),
         "connect_timeout_seconds": t.seconds("connect_timeout_seconds", 10.0),
         "read_timeout_seconds": t.seconds("read_timeout_seconds", 600.0),
         "write_timeout_seconds": t.seconds("write_timeout_seconds", 60.0),

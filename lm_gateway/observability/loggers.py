@@ -69,6 +69,8 @@ def default_entry(
         "connection": ctx.connection,
         "upstream_model": ctx.upstream_model,
         "attempts": ctx.attempts,
+        "served_by": ctx.served_by,
+        "attempt_log": ctx.attempt_log if len(ctx.attempt_log) > 1 else None,
         "stream": ctx.stream,
         "prompt_tokens": usage.get("prompt_tokens"),
         "completion_tokens": usage.get("completion_tokens"),

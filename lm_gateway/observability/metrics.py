@@ -107,8 +107,9 @@ class GatewayMetrics:
         )
         self.attempts = Counter(
             "lmgw_upstream_attempts",
-            "Upstream attempts beyond the first (fallbacks, retries).",
-            ["connection"],
+            "Upstream attempts, by connection and outcome (ok, error, cancelled, skipped): "
+            "retries, fallbacks and hedges show as more than one per request.",
+            ["connection", "outcome"],
             registry=r,
         )
         self.log_dropped = Counter(
@@ -191,8 +192,8 @@ class GatewayMetrics:
             child(self.cancellations, connection, stream).inc()
         if ctx.error_code == "rate_limit_exceeded" and ctx.outcome == "rejected":
             child(self.rate_limited, group).inc()
-        if ctx.attempts > 1:
-            child(self.attempts, connection).inc(ctx.attempts - 1)
+        for attempt in ctx.attempt_log:
+            child(self.attempts, attempt["connection"], attempt["outcome"]).inc()
 
     def close(self) -> None:
         """In multiprocess mode, drop this process's live gauges (in-flight counts) from the

@@ -9,12 +9,15 @@ call; the SQL writer inserts a batch in one transaction).
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import threading
 from pathlib import Path
 from typing import Any
 
 import orjson
+
+log = logging.getLogger("lm_gateway.loggers")
 
 
 def _encode(entry: dict[str, Any]) -> bytes:
@@ -152,6 +155,8 @@ class SQLLogWriter:
             sa.Column("connection", sa.String(255)),
             sa.Column("upstream_model", sa.String(255)),
             sa.Column("attempts", sa.Integer),
+            sa.Column("served_by", sa.String(255)),
+            sa.Column("attempt_log", json_type),
             sa.Column("stream", sa.Boolean),
             sa.Column("prompt_tokens", sa.Integer),
             sa.Column("completion_tokens", sa.Integer),
@@ -178,8 +183,8 @@ class SQLLogWriter:
         if isinstance(entry.get("extra"), dict):
             extra = {**entry["extra"], **{k: v for k, v in extra.items() if k != "extra"}}
         row["extra"] = orjson.loads(_encode(extra)) if extra else None
-        for key in ("user_info", "prompt", "response"):
-            if row[key] is not None:
+        for key in ("user_info", "prompt", "response", "attempt_log"):
+            if row.get(key) is not None:
                 row[key] = orjson.loads(_encode({"v": row[key]}))["v"]
         row["created_at"] = self._created_at(row.get("created_at"), row)
         if row.get("id") is None:
@@ -203,17 +208,34 @@ class SQLLogWriter:
         return value.astimezone(dt.UTC)
 
     def write(self, entries: list[dict[str, Any]]) -> None:
-        rows = [self._row(e) for e in entries]
         with self._lock:
             if not self._created:
-                self.table.metadata.create_all(self._engine, checkfirst=True)
-                self._created = True
+                self._create()
+            rows = [self._row(e) for e in entries]
             # One transaction per batch: all rows or none, so a retry cannot duplicate rows...
             with self._engine.begin() as connection:
                 existing = self._existing_ids(connection, [r["id"] for r in rows])
                 fresh = [r for r in rows if r["id"] not in existing]
                 if fresh:
                     connection.execute(self.table.insert(), fresh)
+
+    def _create(self) -> None:
+        """Create the table if missing. A table made by an earlier version may lack newer
+        columns (there are no migrations): those fields then go to ``extra``."""
+        import sqlalchemy as sa
+
+        self.table.metadata.create_all(self._engine, checkfirst=True)
+        present = {c["name"] for c in sa.inspect(self._engine).get_columns(self.table_name)}
+        missing = self._columns - present
+        if missing:
+            log.warning(
+                "table %s has no column %s: those fields are stored in 'extra' (add the "
+                "columns to give them their own)",
+                self.table_name,
+                ", ".join(sorted(missing)),
+            )
+            self._columns -= missing
+        self._created = True
 
     def _existing_ids(self, connection: Any, ids: list[str]) -> set[str]:
         # ...and if a commit succeeded but its answer was lost, the retry skips those rows.

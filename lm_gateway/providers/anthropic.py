@@ -12,7 +12,6 @@ from datetime import datetime
 from typing import Any
 
 import httpx2
-import orjson
 import trio
 
 from ..config.model import AnthropicConnection
@@ -23,7 +22,7 @@ from ..wire.anthropic import (
     from_anthropic_response,
     to_anthropic_request,
 )
-from ..wire.openai import wants_stream_usage
+from ..wire.openai import dumps, wants_stream_usage
 from .base import ChatCall, ChatResult, ChatStream, JSONObject
 from .http import HTTPUpstream
 
@@ -82,7 +81,7 @@ class AnthropicProvider:
         message = await self._http.request_json(
             "POST",
             self._messages_url,
-            content=orjson.dumps(request),
+            content=dumps(request),
             headers=self._headers(call),
             deadline=self._http.deadline(call.deadline),
         )
@@ -94,7 +93,7 @@ class AnthropicProvider:
         call.usage_requested_by_gateway = not wants_stream_usage(call.body)
         return await self._http.open_sse(
             self._messages_url,
-            content=orjson.dumps(request),
+            content=dumps(request),
             translator=AnthropicStreamTranslator(self.name, info),
             headers=self._headers(call),
             deadline=self._http.deadline(call.deadline),

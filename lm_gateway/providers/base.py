@@ -28,6 +28,30 @@ JSONObject = dict[str, Any]
 
 
 @attrs.define
+class Attempt:
+    """One try of one upstream call, as logs and headers report it.
+
+    ``outcome``: ``ok``; ``error`` (``error`` says which); ``cancelled`` (a hedged attempt that
+    lost the race, or the client left); ``skipped`` (the connection was cooling down).
+    """
+
+    connection: str
+    model: str | None
+    outcome: str = "ok"
+    error: str | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "connection": self.connection,
+            "model": self.model,
+            "outcome": self.outcome,
+            "error": self.error,
+            "seconds": round(self.seconds, 6),
+        }
+
+
+@attrs.define
 class ChatCall:
     """One upstream chat call, prepared by the service layer.
 
@@ -48,6 +72,8 @@ class ChatCall:
             connections (a load balancer, a fallback chain) delegates through these.
         client_headers: the client's request headers (lower-case names), for connections that
             pass some on (``anthropic-beta``); never sent upstream wholesale.
+        attempts: every upstream try made for this call, appended by the gateway's guard around
+            each connection (shared by the sub-calls a strategy makes).
     """
 
     body: JSONObject
@@ -60,6 +86,7 @@ class ChatCall:
     usage_requested_by_gateway: bool = False
     connections: Mapping[str, Connection] = attrs.field(factory=dict, repr=False)
     client_headers: Mapping[str, str] = attrs.field(factory=dict, repr=False)
+    attempts: list[Attempt] = attrs.field(factory=list)
 
 
 @attrs.define

@@ -24,6 +24,7 @@ lost data; see ``doc/providers.md`` for the tables):
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import secrets
 import time
@@ -41,7 +42,7 @@ from ..errors import (
     UpstreamUnreachable,
     upstream_status_error,
 )
-from .openai import parse_data_uri
+from .openai import dumps, parse_data_uri
 from .sse import SSEEvent
 
 JSONObject = dict[str, Any]
@@ -226,8 +227,9 @@ def _arguments(raw: Any, param: str) -> JSONObject:
     if not isinstance(raw, str):
         raise InvalidRequest(f"'{param}' must be a JSON string.", param=param)
     try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
+        # The standard library keeps integers beyond 64 bits exact (orjson makes them floats).
+        value = json.loads(raw)
+    except ValueError as exc:
         raise InvalidRequest(f"'{param}' is not valid JSON: {exc}", param=param) from exc
     if not isinstance(value, dict):
         raise InvalidRequest(f"'{param}' must be a JSON object.", param=param)
@@ -627,7 +629,7 @@ def from_anthropic_response(message: JSONObject, info: RequestInfo) -> JSONObjec
         elif kind == "redacted_thinking":
             thinking_blocks.append({"type": "redacted_thinking", "data": block.get("data")})
         elif kind == "tool_use":
-            arguments = orjson.dumps(block.get("input") or {}).decode()
+            arguments = dumps(block.get("input") or {}).decode()
             if info.json_tool and block.get("name") == JSON_TOOL:
                 json_answer = arguments
                 continue

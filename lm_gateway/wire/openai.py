@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -77,6 +78,15 @@ def _type_error(param: str, expected: str, value: Any) -> InvalidRequest:
         param=param,
         code="invalid_type",
     )
+
+
+def dumps(value: Any) -> bytes:
+    """JSON bytes; orjson, or the standard library for what orjson refuses (integers beyond
+    64 bits, which tool arguments may hold)."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def parse_json_object(body: bytes) -> JSONObject:

@@ -218,7 +218,7 @@ async def test_gateway_answers_while_a_long_generation_runs(endless_dir: Path) -
 
 async def test_client_disconnect_stops_the_generation(endless_dir: Path) -> None:
     async with run_gateway(config(endless_dir)) as gateway:
-        provider: Any = gateway.app.gateway.connections["local"]
+        provider: Any = gateway.app.gateway.connections["local"].inner  # inside its guard
         jobs: list[Any] = []
         original = provider._generate
 

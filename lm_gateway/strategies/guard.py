@@ -1,0 +1,203 @@
+"""The guard around every connection: retries with backoff, cooldowns, and the attempt log.
+
+Every connection the gateway builds is wrapped in a :class:`Guard`, which
+
+* records each try in ``call.attempts`` (what logs, metrics and the ``x-lm-gateway-attempts``
+  header report);
+* retries a failed call up to ``max_retries`` times when the failure is worth it (see
+  :mod:`.policy`): after the upstream's ``Retry-After`` when it sent one (up to
+  ``retry_after_max_seconds``; a longer one is answered at once), else after a "full jitter"
+  exponential backoff; never past the request's deadline;
+* keeps a :class:`Cooldown` (a circuit breaker): after ``cooldown_after_failures`` failures in a
+  row, or a 429 with ``Retry-After``, the connection is skipped for ``cooldown_seconds`` (or
+  that long), then one request at a time probes it ("half open") until one succeeds.
+
+Streams are guarded until the upstream accepted them; a stream failing later is the strategy's
+business (it may fall over before the first token) or the client's (an error event).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import trio
+
+from ..config.model import Resilience
+from ..errors import GatewayError, UpstreamError
+from ..providers.base import Attempt, ChatCall, ChatResult, ChatStream, Connection, JSONObject
+from .policy import backoff_seconds, counts_against_health, failure_reason, retry_after_seconds
+
+R = TypeVar("R")
+
+#: A cooldown started by a 429's ``Retry-After`` lasts at most this long.
+MAX_RETRY_AFTER_COOLDOWN = 300.0
+
+
+class ConnectionCoolingDown(UpstreamError):
+    """The connection is in cooldown after failures (503 with ``Retry-After``)."""
+
+    status = 503
+    default_code = "connection_cooling_down"
+
+
+class Cooldown:
+    """A circuit breaker for one connection (see the module docstring). Time is trio's clock,
+    so tests drive it with the autojump clock. ``threshold = 0`` turns it off."""
+
+    def __init__(self, threshold: int, seconds: float) -> None:
+        self.threshold = threshold
+        self.seconds = seconds
+        self.failures = 0
+        self.open_until: float | None = None
+        self._probing = False
+
+    @property
+    def state(self) -> str:
+        if self.open_until is None:
+            return "closed"
+        return "open" if trio.current_time() < self.open_until else "half_open"
+
+    def remaining(self) -> float | None:
+        """None when a request may go (claiming the probe when half open), else the seconds
+        until one may."""
+        if self.open_until is None:
+            return None
+        left = self.open_until - trio.current_time()
+        if left > 0:
+            return left
+        if self._probing:
+            return 1.0  # another request is probing; it decides soon
+        self._probing = True
+        return None
+
+    def success(self) -> None:
+        self.failures = 0
+        self.open_until = None
+        self._probing = False
+
+    def failure(self, error: GatewayError) -> None:
+        if not self.threshold or not counts_against_health(error):
+            self.neutral()
+            return
+        self.failures += 1
+        wait = retry_after_seconds(error) if error.http_status == 429 else None
+        if wait:
+            self._open(min(wait, MAX_RETRY_AFTER_COOLDOWN))
+        elif self._probing or self.failures >= self.threshold:
+            self._open(self.seconds)
+
+    def neutral(self) -> None:
+        """The request ended without saying anything about the connection's health."""
+        self._probing = False
+
+    def _open(self, seconds: float) -> None:
+        self.open_until = trio.current_time() + seconds
+        self._probing = False
+
+
+class Guard:
+    """A connection with retries, a cooldown and an attempt log (see the module docstring).
+
+    Other attributes (``lifetime``, ``native_n``...) are the wrapped connection's.
+    """
+
+    def __init__(self, inner: Connection, resilience: Resilience | None = None) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.resilience = resilience or Resilience(max_retries=0, cooldown_after_failures=0)
+        self.cooldown = Cooldown(
+            self.resilience.cooldown_after_failures, self.resilience.cooldown_seconds
+        )
+        self._rng = random.Random()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def chat(self, call: ChatCall) -> ChatResult:
+        return await self._run(call, self.inner.chat)
+
+    async def open_chat_stream(self, call: ChatCall) -> ChatStream:
+        return await self._run(call, self.inner.open_chat_stream)
+
+    async def list_models(self) -> list[JSONObject] | None:
+        return await self.inner.list_models()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    async def _run(self, call: ChatCall, op: Callable[[ChatCall], Awaitable[R]]) -> R:
+        retry = 0
+        while True:
+            wait = self.cooldown.remaining()
+            model = call.body.get("model")
+            if wait is not None:
+                call.attempts.append(Attempt(self.name, model, "skipped", "cooling_down"))
+                raise ConnectionCoolingDown(
+                    f"The connection {self.name!r} is cooling down after failures; "
+                    f"try again in {math.ceil(wait)} s.",
+                    headers={"retry-after": str(max(1, math.ceil(wait)))},
+                    connection=self.name,
+                )
+            attempt = Attempt(self.name, model)
+            call.attempts.append(attempt)
+            # Each try gets its own copy of the body: connections add fields to it.
+            sub = copy.copy(call)
+            sub.body = dict(call.body)
+            started = trio.current_time()
+            try:
+                result = await op(sub)
+            except GatewayError as error:
+                attempt.outcome = "error"
+                attempt.error = failure_reason(error) or error.code or type(error).__name__
+                attempt.seconds = trio.current_time() - started
+                self.cooldown.failure(error)
+                delay = self._retry_delay(error, retry, call.deadline)
+                if delay is None:
+                    raise
+                retry += 1
+                await trio.sleep(delay)
+                continue
+            except BaseException:
+                attempt.outcome = "cancelled"
+                attempt.seconds = trio.current_time() - started
+                self.cooldown.neutral()
+                raise
+            attempt.seconds = trio.current_time() - started
+            self.cooldown.success()
+            call.usage_requested_by_gateway = sub.usage_requested_by_gateway
+            return result
+
+    def _retry_delay(self, error: GatewayError, retry: int, deadline: float) -> float | None:
+        """How long to wait before retrying after ``error``, or None to give up."""
+        settings = self.resilience
+        if retry >= settings.max_retries or failure_reason(error) is None:
+            return None
+        delay = retry_after_seconds(error)
+        if delay is not None:
+            if delay > settings.retry_after_max_seconds:
+                return None
+        else:
+            delay = backoff_seconds(
+                retry, settings.retry_backoff_seconds, settings.retry_max_backoff_seconds, self._rng
+            )
+        if self.cooldown.open_until is not None:
+            # The failure put the connection in cooldown: retry when it ends, if soon enough.
+            needed = self.cooldown.open_until - trio.current_time()
+            if needed > settings.retry_after_max_seconds:
+                return None
+            delay = max(delay, needed)
+        if trio.current_time() + delay >= deadline:
+            return None
+        return delay
+
+
+def guard(connection: Connection, resilience: Resilience | None) -> Connection:
+    """``connection`` wrapped in a :class:`Guard` (strategies are not: they guard their
+    targets)."""
+    if getattr(connection, "is_strategy", False):
+        return connection
+    return Guard(connection, resilience)
