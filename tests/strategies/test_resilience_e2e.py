@@ -409,3 +409,34 @@ async def test_stream_after_done_is_not_confused_with_content() -> None:
             )
             chunks = [c async for c in stream]
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+async def test_a_malformed_chunk_before_the_first_token_falls_over() -> None:
+    async with fakes(2) as (a, b):
+        a.push(Reply.sse([chunk({"role": "assistant", "content": ""}), b"data: {not json\n\n"]))
+        async with run_gateway(config([a, b], {"targets": ["a", "b"]})) as gateway:
+            stream = await client(gateway).chat.completions.create(
+                model="gpt-4o", messages=MESSAGES, stream=True
+            )
+            text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text == "echo: hello"
+    assert len(b.requests) == 1
+
+
+async def test_a_stall_mid_stream_ends_in_an_error_event_not_a_second_answer() -> None:
+    async with fakes(2) as (a, b):
+        a.push(Reply.stream_then_stall([chunk({"role": "assistant", "content": "so far"})]))
+        data = config([a, b], {"targets": ["a", "b"]}, a={"read_timeout_seconds": 0.3})
+        async with (
+            run_gateway(data) as gateway,
+            httpx2.AsyncClient(timeout=GUARD) as http,
+        ):
+            response = await http.post(
+                f"{gateway.base_url}/chat/completions",
+                headers={"authorization": f"Bearer {KEY}"},
+                json={"model": "gpt-4o", "messages": MESSAGES, "stream": True},
+            )
+    events = [line for line in response.text.splitlines() if line.startswith("data: ")]
+    assert "so far" in events[0]
+    assert '"error"' in events[-1] and "upstream_timeout" in events[-1]
+    assert len(b.requests) == 0
