@@ -78,6 +78,9 @@ class StrategyConnection:
     #: Start the next target when the current one has not produced its first token in this
     #: long; the first to produce one wins (None: no hedging).
     hedge_after_seconds: float | None = None
+    #: How long one attempt may take to its first token before it counts as timed out and the
+    #: next target is tried (None: only the connection's own timeouts and the request's).
+    attempt_timeout_seconds: float | None = None
     #: Upstream statuses worth falling over for (connect errors and timeouts always are).
     fallback_on_status: tuple[int, ...] = DEFAULT_FALLBACK_STATUSES
     #: Where a request goes when its prompt is too long for a target.

@@ -499,6 +499,7 @@ def strategy_from(
         order=cast(StrategyOrder, order),
         fallback=t.boolean("fallback", True),
         hedge_after_seconds=t.seconds("hedge_after_seconds", None),
+        attempt_timeout_seconds=t.seconds("attempt_timeout_seconds", None),
         fallback_on_status=status_tuple,
         on_context_length=_target(context, join_path(path, "on_context_length"))
         if context is not None

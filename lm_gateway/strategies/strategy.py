@@ -33,7 +33,7 @@ import attrs
 import trio
 
 from ..config.model import StrategyConnection, Target
-from ..errors import GatewayError, InternalError, UpstreamError
+from ..errors import GatewayError, InternalError, UpstreamError, UpstreamTimeout
 from ..providers.base import ChatCall, ChatResult, ChatStream, Connection, JSONObject, close_quietly
 from .policy import failure_reason, is_context_length
 
@@ -249,10 +249,25 @@ class StrategyProvider:
         context_target = self.config.on_context_length
         leftovers: list[Any] = []
 
+        limit = self.config.attempt_timeout_seconds
+
         async def run(target: Target) -> None:
             connection = connections[target.connection]
             try:
-                sub, result = await self._attempt(call, target, connection, stream)
+                with trio.fail_after(limit if limit is not None else math.inf):
+                    sub, result = await self._attempt(call, target, connection, stream)
+            except trio.TooSlowError:
+                results_send.send_nowait(
+                    (
+                        target,
+                        None,
+                        UpstreamTimeout(
+                            f"The connection {target.connection!r} gave no answer within "
+                            f"{limit:g} s.",
+                            connection=target.connection,
+                        ),
+                    )
+                )
             except GatewayError as error:
                 results_send.send_nowait((target, None, error))
             except Exception as exc:  # a user's connection object misbehaving

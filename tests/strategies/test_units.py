@@ -271,3 +271,18 @@ async def test_fallback_without_hedging_is_sequential(
     assert first.calls[0][1]["model"] == "m-a"
     assert second.calls[0][1]["temperature"] == 0
     assert "temperature" not in first.calls[0][1]
+
+
+async def test_an_attempt_timeout_moves_on_to_the_next_target(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    slow, quick = Scripted("slow", 100), Scripted("quick")
+    s = strategy(Target("slow"), Target("quick"), attempt_timeout_seconds=5)
+    async with trio.open_nursery() as nursery:
+        start = trio.current_time()
+        c = call(nursery, {"slow": Guard(slow), "quick": Guard(quick)})
+        result = await s.chat(c)
+    assert result.body["answered_by"] == "quick"
+    assert trio.current_time() - start == pytest.approx(5)
+    assert slow.cancelled == 1
+    assert [a.outcome for a in c.attempts] == ["cancelled", "ok"]
