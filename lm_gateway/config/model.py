@@ -46,6 +46,8 @@ class Resilience:
     cooldown_after_failures: int = 5
     #: How long a cooldown lasts before one request probes the connection again.
     cooldown_seconds: float = 30.0
+    #: Share the cooldown state between gateway instances through this Redis.
+    cooldown_redis_url: str | None = None
 
 
 @attrs.frozen

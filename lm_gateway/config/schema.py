@@ -424,7 +424,18 @@ def _resilience(t: _Table, init_retries: int | None) -> Resilience:
         retry_after_max_seconds=t.seconds("retry_after_max_seconds", 30.0, positive=False),
         cooldown_after_failures=t.integer("cooldown_after_failures", 5),
         cooldown_seconds=t.seconds("cooldown_seconds", 30.0),
+        cooldown_redis_url=_redis_url(t, "cooldown_redis_url"),
     )
+
+
+def _redis_url(t: _Table, key: str) -> str | None:
+    url = t.string(key, None)
+    if url is None:
+        return None
+    url = url.strip()
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        t.fail(key, f"expected a redis://, rediss:// or unix:// URL, got {url!r}")
+    return url
 
 
 _ORDERS = ("sequential", "weighted", "round_robin", "least_in_flight", "latency")

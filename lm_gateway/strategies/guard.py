@@ -18,10 +18,11 @@ business (it may fall over before the first token) or the client's (an error eve
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import trio
@@ -30,6 +31,7 @@ from ..config.model import Resilience
 from ..errors import GatewayError, UpstreamError
 from ..providers.base import Attempt, ChatCall, ChatResult, ChatStream, Connection, JSONObject
 from .policy import backoff_seconds, counts_against_health, failure_reason, retry_after_seconds
+from .shared import SharedCooldown
 
 R = TypeVar("R")
 
@@ -90,6 +92,13 @@ class Cooldown:
         elif self._probing or self.failures >= self.threshold:
             self._open(self.seconds)
 
+    def open_for(self, seconds: float) -> None:
+        """Another instance says the connection cools down for ``seconds`` more."""
+        until = trio.current_time() + seconds
+        if self.open_until is None or self.open_until < until:
+            self.open_until = until
+            self._probing = False
+
     def neutral(self) -> None:
         """The request ended without saying anything about the connection's health."""
         self._probing = False
@@ -112,7 +121,25 @@ class Guard:
         self.cooldown = Cooldown(
             self.resilience.cooldown_after_failures, self.resilience.cooldown_seconds
         )
+        url = self.resilience.cooldown_redis_url
+        self.shared = (
+            SharedCooldown(url, self.name)
+            if url and self.resilience.cooldown_after_failures
+            else None
+        )
         self._rng = random.Random()
+
+    @contextlib.asynccontextmanager
+    async def lifetime(self) -> AsyncIterator[None]:
+        """The shared cooldown's Redis client, and the connection's own lifetime (a local
+        model loads in it)."""
+        async with contextlib.AsyncExitStack() as stack:
+            if self.shared is not None:
+                await stack.enter_async_context(self.shared.lifetime())
+            inner = getattr(self.inner, "lifetime", None)
+            if callable(inner):
+                await stack.enter_async_context(inner())
+            yield
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -131,7 +158,12 @@ class Guard:
 
     async def _run(self, call: ChatCall, op: Callable[[ChatCall], Awaitable[R]]) -> R:
         retry = 0
+        shared = self.shared
         while True:
+            if shared is not None:
+                left = await shared.remaining()
+                if left is not None:
+                    self.cooldown.open_for(left)
             wait = self.cooldown.remaining()
             model = call.body.get("model")
             if wait is not None:
@@ -155,6 +187,13 @@ class Guard:
                 attempt.error = failure_reason(error) or error.code or type(error).__name__
                 attempt.seconds = trio.current_time() - started
                 self.cooldown.failure(error)
+                if shared is not None and counts_against_health(error):
+                    wait_for = retry_after_seconds(error) if error.http_status == 429 else None
+                    await shared.failure(
+                        self.cooldown.threshold,
+                        self.cooldown.seconds,
+                        min(wait_for or 0.0, MAX_RETRY_AFTER_COOLDOWN),
+                    )
                 delay = self._retry_delay(error, retry, call.deadline)
                 if delay is None:
                     raise
@@ -167,7 +206,10 @@ class Guard:
                 self.cooldown.neutral()
                 raise
             attempt.seconds = trio.current_time() - started
+            troubled = self.cooldown.failures > 0 or self.cooldown.open_until is not None
             self.cooldown.success()
+            if shared is not None and troubled:
+                await shared.success()
             call.usage_requested_by_gateway = sub.usage_requested_by_gateway
             return result
 
