@@ -46,6 +46,10 @@ class Resilience:
     cooldown_after_failures: int = 5
     #: How long a cooldown lasts before one request probes the connection again.
     cooldown_seconds: float = 30.0
+    #: Also cool down when at least this share of the last ``cooldown_window_requests`` calls
+    #: failed (0: only consecutive failures count). Catches a connection failing half the time.
+    cooldown_failure_ratio: float = 0.0
+    cooldown_window_requests: int = 20
     #: Share the cooldown state between gateway instances through this Redis.
     cooldown_redis_url: str | None = None
 

@@ -424,8 +424,17 @@ def _resilience(t: _Table, init_retries: int | None) -> Resilience:
         retry_after_max_seconds=t.seconds("retry_after_max_seconds", 30.0, positive=False),
         cooldown_after_failures=t.integer("cooldown_after_failures", 5),
         cooldown_seconds=t.seconds("cooldown_seconds", 30.0),
+        cooldown_failure_ratio=_ratio(t, "cooldown_failure_ratio"),
+        cooldown_window_requests=t.integer("cooldown_window_requests", 20, minimum=2),
         cooldown_redis_url=_redis_url(t, "cooldown_redis_url"),
     )
+
+
+def _ratio(t: _Table, key: str) -> float:
+    value = t.seconds(key, 0.0, positive=False, unit="fraction")
+    if value > 1:
+        t.fail(key, f"must be a fraction between 0 and 1, got {value}")
+    return value
 
 
 def _redis_url(t: _Table, key: str) -> str | None:

@@ -18,6 +18,7 @@ business (it may fall over before the first token) or the client's (an error eve
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import math
@@ -50,9 +51,14 @@ class Cooldown:
     """A circuit breaker for one connection (see the module docstring). Time is trio's clock,
     so tests drive it with the autojump clock. ``threshold = 0`` turns it off."""
 
-    def __init__(self, threshold: int, seconds: float) -> None:
+    def __init__(
+        self, threshold: int, seconds: float, *, ratio: float = 0.0, window: int = 20
+    ) -> None:
         self.threshold = threshold
         self.seconds = seconds
+        self.ratio = ratio
+        #: The last ``window`` outcomes (True: a failure), for the failure ratio.
+        self._recent: collections.deque[bool] = collections.deque(maxlen=window)
         self.failures = 0
         self.open_until: float | None = None
         self._probing = False
@@ -80,17 +86,29 @@ class Cooldown:
         self.failures = 0
         self.open_until = None
         self._probing = False
+        if self.ratio:
+            self._recent.append(False)
 
     def failure(self, error: GatewayError) -> None:
         if not self.threshold or not counts_against_health(error):
             self.neutral()
             return
         self.failures += 1
+        if self.ratio:
+            self._recent.append(True)
         wait = retry_after_seconds(error) if error.http_status == 429 else None
         if wait:
             self._open(min(wait, MAX_RETRY_AFTER_COOLDOWN))
-        elif self._probing or self.failures >= self.threshold:
+        elif self._probing or self.failures >= self.threshold or self._ratio_exceeded():
             self._open(self.seconds)
+
+    def _ratio_exceeded(self) -> bool:
+        recent = self._recent
+        return (
+            bool(self.ratio)
+            and len(recent) == recent.maxlen
+            and sum(recent) >= self.ratio * len(recent)
+        )
 
     def open_for(self, seconds: float) -> None:
         """Another instance says the connection cools down for ``seconds`` more."""
@@ -106,6 +124,7 @@ class Cooldown:
     def _open(self, seconds: float) -> None:
         self.open_until = trio.current_time() + seconds
         self._probing = False
+        self._recent.clear()
 
 
 class Guard:
@@ -119,7 +138,10 @@ class Guard:
         self.name = inner.name
         self.resilience = resilience or Resilience(max_retries=0, cooldown_after_failures=0)
         self.cooldown = Cooldown(
-            self.resilience.cooldown_after_failures, self.resilience.cooldown_seconds
+            self.resilience.cooldown_after_failures,
+            self.resilience.cooldown_seconds,
+            ratio=self.resilience.cooldown_failure_ratio,
+            window=self.resilience.cooldown_window_requests,
         )
         url = self.resilience.cooldown_redis_url
         self.shared = (

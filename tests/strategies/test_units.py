@@ -286,3 +286,17 @@ async def test_an_attempt_timeout_moves_on_to_the_next_target(
     assert trio.current_time() - start == pytest.approx(5)
     assert slow.cancelled == 1
     assert [a.outcome for a in c.attempts] == ["cancelled", "ok"]
+
+
+async def test_a_connection_failing_half_the_time_cools_down_by_ratio() -> None:
+    cooldown = Cooldown(threshold=5, seconds=30, ratio=0.5, window=10)
+    for _ in range(5):  # alternating: never 5 in a row
+        cooldown.success()
+        assert cooldown.state == "closed"
+        cooldown.failure(unavailable())
+    assert cooldown.state == "open"
+    never = Cooldown(threshold=5, seconds=30)
+    for _ in range(20):
+        never.success()
+        never.failure(unavailable())
+    assert never.state == "closed"
