@@ -57,6 +57,7 @@ from .errors import (
     GatewayError,
     InternalError,
     ModelNotFound,
+    NotSupported,
     PermissionDenied,
     RequestRejected,
     ServiceDisabled,
@@ -75,6 +76,8 @@ from .wire.openai import (
     StreamTally,
     parse_json_object,
     validate_chat_request,
+    validate_completions_request,
+    validate_embeddings_request,
     wants_stream_usage,
 )
 from .wire.sse import DONE_EVENT
@@ -771,6 +774,131 @@ class Gateway:
             )
 
         return await self._serve(request, "chat.completions", handle)
+
+    async def embeddings(
+        self, request: IncomingRequest, scope: RequestScope
+    ) -> Reply | StreamReply:
+        """Serve ``POST {prefix}/embeddings`` (routed, authorised, logged like chat)."""
+        return await self._serve(
+            request,
+            "embeddings",
+            lambda record, group: self._other_call(
+                record,
+                group,
+                request,
+                scope,
+                method="embeddings",
+                validate=validate_embeddings_request,
+            ),
+        )
+
+    async def completions(
+        self, request: IncomingRequest, scope: RequestScope
+    ) -> Reply | StreamReply:
+        """Serve the legacy ``POST {prefix}/completions`` (streaming too)."""
+        return await self._serve(
+            request,
+            "completions",
+            lambda record, group: self._other_call(
+                record,
+                group,
+                request,
+                scope,
+                method="completions",
+                validate=validate_completions_request,
+            ),
+        )
+
+    async def _other_call(
+        self,
+        record: RequestContext,
+        group: Group,
+        request: IncomingRequest,
+        scope: RequestScope,
+        *,
+        method: str,
+        validate: Callable[[dict[str, Any]], None],
+    ) -> Reply | StreamReply:
+        """Embeddings and legacy completions: the chat path's steps (route, authorise,
+        handlers, guard or strategy, accounting), without chat's translation. Connections that
+        cannot serve the endpoint answer 400 ``unsupported_endpoint``."""
+        data = parse_json_object(request.body)
+        validate(data)
+        record.request = data
+        record.model = model = data["model"]
+        route = self.router.resolve(model)
+        record.connection = route.connection
+        record.upstream_model = route.upstream_model
+        self._authorize(group, route)
+        if self.handlers:
+            await self._run_handlers(record, group)
+            data = self._after_handlers(record, group)
+        connection = self.connections[str(record.connection)]
+        serves = getattr(connection, "serves", None)
+        if not callable(serves) or not serves(method):
+            raise NotSupported(
+                f"The connection {record.connection!r} cannot serve {method}.",
+                param="model",
+                code="unsupported_endpoint",
+            )
+        stream = bool(data.get("stream")) and method == "completions"
+        record.stream = stream
+        client_wants_usage = wants_stream_usage(data)
+        data["model"] = record.upstream_model
+        call = ChatCall(
+            body=data,
+            client_model=model,
+            stream=stream,
+            deadline=trio.current_time() + self.config.request_timeout_seconds,
+            request_id=record.id,
+            nursery=scope.nursery,
+            headers=dict(record.upstream_headers),
+            connections=self.connections,
+            client_headers=request.headers,
+        )
+        record.internal["upstream_started"] = True
+        record.internal["upstream_t0"] = time.perf_counter()
+        if stream:
+            try:
+                # Optional in the Connection protocol: serves() checked it above.
+                upstream = await getattr(connection, "open_completions_stream")(call)  # noqa: B009
+            finally:
+                self._note_attempts(record, call)
+            relay = SSERelay(
+                self,
+                upstream,
+                record,
+                model,
+                strip_usage=call.usage_requested_by_gateway and not client_wants_usage,
+            )
+            scope.add_closer(relay.aclose)
+            try:
+                await relay.prefetch()
+            finally:
+                record.internal["upstream_t1"] = relay.first_chunk_at or time.perf_counter()
+            return StreamReply(
+                relay,
+                headers={**record.response_headers, **SSE_HEADERS, "x-request-id": record.id},
+            )
+        try:
+            result = await getattr(connection, method)(call)
+        finally:
+            record.internal["upstream_t1"] = time.perf_counter()
+            self._note_attempts(record, call)
+        record.mark_first_chunk()
+        body = result.body
+        body["model"] = model
+        usage = body.get("usage")
+        record.usage = usage if isinstance(usage, dict) else None
+        record.response = {"usage": record.usage} if method == "embeddings" else body
+        record.finish_reasons = [
+            c["finish_reason"]
+            for c in body.get("choices") or []
+            if isinstance(c, dict) and isinstance(c.get("finish_reason"), str)
+        ]
+        reply = self._ok_reply(record, body)
+        reply.headers.update(result.headers)
+        return reply
 
     async def list_models(self, request: IncomingRequest) -> Reply | StreamReply:
         """Serve ``GET {prefix}/models``: the models the caller's group may use."""

@@ -40,6 +40,8 @@ class OpenAIProvider:
         self._http = HTTPUpstream(config, headers, error_from_status, transport=transport)
         self._chat_url = f"{config.api_base}/chat/completions"
         self._models_url = f"{config.api_base}/models"
+        self._embeddings_url = f"{config.api_base}/embeddings"
+        self._completions_url = f"{config.api_base}/completions"
 
     def _encode(self, call: ChatCall) -> bytes:
         body = call.body
@@ -73,6 +75,50 @@ class OpenAIProvider:
     async def open_chat_stream(self, call: ChatCall) -> ChatStream:
         return await self._http.open_sse(
             self._chat_url,
+            content=self._encode(call),
+            translator=OpenAIStreamTranslator(self.name),
+            headers=call.headers,
+            deadline=self._http.deadline(call.deadline),
+        )
+
+    async def embeddings(self, call: ChatCall) -> ChatResult:
+        """``POST /embeddings``, passed through (no ``default_args``: they are chat settings)."""
+        body = await self._http.request_json(
+            "POST",
+            self._embeddings_url,
+            content=orjson.dumps(call.body),
+            headers=call.headers,
+            deadline=self._http.deadline(call.deadline),
+        )
+        if not isinstance(body.get("data"), list):
+            raise UpstreamProtocolError(
+                f"The upstream provider sent embeddings without data (connection {self.name!r}).",
+                detail=f"keys: {sorted(body)[:20]}",
+                connection=self.name,
+            )
+        return ChatResult(body=body)
+
+    async def completions(self, call: ChatCall) -> ChatResult:
+        """Legacy ``POST /completions``, passed through (vLLM and others still serve it)."""
+        body = await self._http.request_json(
+            "POST",
+            self._completions_url,
+            content=self._encode(call),
+            headers=call.headers,
+            deadline=self._http.deadline(call.deadline),
+        )
+        if not isinstance(body.get("choices"), list):
+            raise UpstreamProtocolError(
+                f"The upstream provider sent a completion without choices (connection "
+                f"{self.name!r}).",
+                detail=f"keys: {sorted(body)[:20]}",
+                connection=self.name,
+            )
+        return ChatResult(body=body)
+
+    async def open_completions_stream(self, call: ChatCall) -> ChatStream:
+        return await self._http.open_sse(
+            self._completions_url,
             content=self._encode(call),
             translator=OpenAIStreamTranslator(self.name),
             headers=call.headers,

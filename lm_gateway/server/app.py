@@ -233,6 +233,22 @@ def blueprint(
             return _error_response(error, debug)
         return _to_response(reply)
 
+    @bp.post(f"{prefix}/embeddings")
+    async def embeddings() -> Response:
+        try:
+            reply = await gateway.embeddings(await incoming(), request_scope())
+        except GatewayError as error:
+            return _error_response(error, debug)
+        return _to_response(reply)
+
+    @bp.post(f"{prefix}/completions")
+    async def completions() -> Response:
+        try:
+            reply = await gateway.completions(await incoming(), request_scope())
+        except GatewayError as error:
+            return _error_response(error, debug)
+        return _to_response(reply)
+
     @bp.get(f"{prefix}/models")
     async def list_models() -> Response:
         try:

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import trio
 
 from ..config.model import Resilience
-from ..errors import GatewayError, UpstreamError
+from ..errors import GatewayError, NotSupported, UpstreamError
 from ..providers.base import Attempt, ChatCall, ChatResult, ChatStream, Connection, JSONObject
 from .policy import backoff_seconds, counts_against_health, failure_reason, retry_after_seconds
 from .shared import SharedCooldown
@@ -171,6 +171,31 @@ class Guard:
 
     async def open_chat_stream(self, call: ChatCall) -> ChatStream:
         return await self._run(call, self.inner.open_chat_stream)
+
+    async def embeddings(self, call: ChatCall) -> ChatResult:
+        return await self._run(call, self._optional("embeddings", "embeddings"))
+
+    async def completions(self, call: ChatCall) -> ChatResult:
+        return await self._run(call, self._optional("completions", "legacy completions"))
+
+    async def open_completions_stream(self, call: ChatCall) -> ChatStream:
+        return await self._run(
+            call, self._optional("open_completions_stream", "legacy completions")
+        )
+
+    def serves(self, method: str) -> bool:
+        """Whether the wrapped connection has ``method`` (embeddings, completions...)."""
+        return callable(getattr(self.inner, method, None))
+
+    def _optional(self, method: str, what: str) -> Callable[[ChatCall], Awaitable[Any]]:
+        function = getattr(self.inner, method, None)
+        if not callable(function):
+            raise NotSupported(
+                f"The connection {self.name!r} cannot serve {what}.",
+                param="model",
+                code="unsupported_endpoint",
+            )
+        return function  # type: ignore[no-any-return]
 
     async def list_models(self) -> list[JSONObject] | None:
         return await self.inner.list_models()

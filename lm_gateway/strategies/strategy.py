@@ -46,7 +46,7 @@ def has_content(chunk: JSONObject) -> bool:
     for choice in chunk.get("choices") or ():
         if not isinstance(choice, dict):
             continue
-        if choice.get("finish_reason"):
+        if choice.get("finish_reason") or choice.get("text"):  # legacy completions: text
             return True
         delta = choice.get("delta")
         if isinstance(delta, dict):
@@ -187,6 +187,25 @@ class StrategyProvider:
         assert isinstance(result, BufferedStream)
         return result
 
+    # Embeddings and legacy completions race the same way (every target must serve them).
+    async def embeddings(self, call: ChatCall) -> ChatResult:
+        result = await self._race(call, stream=False, method="embeddings")
+        assert isinstance(result, ChatResult)
+        return result
+
+    async def completions(self, call: ChatCall) -> ChatResult:
+        result = await self._race(call, stream=False, method="completions")
+        assert isinstance(result, ChatResult)
+        return result
+
+    async def open_completions_stream(self, call: ChatCall) -> ChatStream:
+        result = await self._race(call, stream=True, method="open_completions_stream")
+        assert isinstance(result, BufferedStream)
+        return result
+
+    def serves(self, method: str) -> bool:
+        return True  # each target's guard answers 400 if its connection cannot
+
     def _sub_call(self, call: ChatCall, target: Target) -> ChatCall:
         sub = copy.copy(call)
         sub.body = {**call.body, **target.params}
@@ -197,7 +216,7 @@ class StrategyProvider:
         return sub
 
     async def _attempt(
-        self, call: ChatCall, target: Target, connection: Connection, stream: bool
+        self, call: ChatCall, target: Target, connection: Connection, stream: bool, method: str
     ) -> tuple[ChatCall, ChatResult | BufferedStream]:
         """One target, up to its first token. Raises what the target raised."""
         sub = self._sub_call(call, target)
@@ -207,9 +226,9 @@ class StrategyProvider:
             state.in_flight += 1
         try:
             if not stream:
-                result: ChatResult | BufferedStream = await connection.chat(sub)
+                result: ChatResult | BufferedStream = await getattr(connection, method)(sub)
             else:
-                upstream = await connection.open_chat_stream(sub)
+                upstream = await getattr(connection, method)(sub)
                 try:
                     head: list[JSONObject] = []
                     ended = False
@@ -237,7 +256,10 @@ class StrategyProvider:
             if state is not None:
                 state.in_flight -= 1
 
-    async def _race(self, call: ChatCall, *, stream: bool) -> ChatResult | BufferedStream:
+    async def _race(
+        self, call: ChatCall, *, stream: bool, method: str | None = None
+    ) -> ChatResult | BufferedStream:
+        method = method or ("open_chat_stream" if stream else "chat")
         connections = dict(call.connections)
         queue = self.order(connections)
         hedge = self.config.hedge_after_seconds
@@ -255,7 +277,7 @@ class StrategyProvider:
             connection = connections[target.connection]
             try:
                 with trio.fail_after(limit if limit is not None else math.inf):
-                    sub, result = await self._attempt(call, target, connection, stream)
+                    sub, result = await self._attempt(call, target, connection, stream, method)
             except trio.TooSlowError:
                 results_send.send_nowait(
                     (

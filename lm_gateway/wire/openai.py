@@ -112,6 +112,79 @@ def parse_json_object(body: bytes) -> JSONObject:
     return data
 
 
+def _validate_model(data: Mapping[str, Any]) -> None:
+    model = data.get("model")
+    if model is None:
+        raise InvalidRequest(
+            "Missing required parameter: 'model'.", param="model", code="missing_required_parameter"
+        )
+    if not isinstance(model, str):
+        raise _type_error("model", "a string", model)
+    if not model.strip():
+        raise InvalidRequest("'model' must not be empty.", param="model", code="invalid_value")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_embeddings_request(data: Mapping[str, Any]) -> None:
+    """Check an embeddings request: ``model``, and ``input`` as a string, an array of strings,
+    an array of token ids, or an array of such arrays (OpenAI's four shapes).
+
+    Raises:
+        InvalidRequest: naming the field at fault.
+    """
+    _validate_model(data)
+    value = data.get("input")
+    if value is None:
+        raise InvalidRequest(
+            "Missing required parameter: 'input'.", param="input", code="missing_required_parameter"
+        )
+    if not isinstance(value, str):
+        if not isinstance(value, list) or not value:
+            raise _type_error("input", "a string or a non-empty array", value)
+        for i, item in enumerate(value):
+            ok = (
+                isinstance(item, str)
+                or _is_int(item)
+                or (isinstance(item, list) and item and all(_is_int(t) for t in item))
+            )
+            if not ok:
+                raise _type_error(
+                    f"input[{i}]", "a string, a token id or an array of token ids", item
+                )
+    encoding = data.get("encoding_format")
+    if encoding is not None and encoding not in ("float", "base64"):
+        raise InvalidRequest(
+            f"'encoding_format' must be 'float' or 'base64', not {encoding!r}.",
+            param="encoding_format",
+            code="invalid_value",
+        )
+
+
+def validate_completions_request(data: Mapping[str, Any]) -> None:
+    """Check a legacy completions request: ``model`` and ``prompt`` (a string, an array of
+    strings, token ids, or arrays of token ids).
+
+    Raises:
+        InvalidRequest: naming the field at fault.
+    """
+    _validate_model(data)
+    prompt = data.get("prompt")
+    if prompt is None:
+        raise InvalidRequest(
+            "Missing required parameter: 'prompt'.",
+            param="prompt",
+            code="missing_required_parameter",
+        )
+    if not isinstance(prompt, str | list):
+        raise _type_error("prompt", "a string or an array", prompt)
+    stream = data.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise _type_error("stream", "a boolean", stream)
+
+
 def validate_chat_request(data: Mapping[str, Any]) -> None:
     """Check a chat-completions request the way OpenAI would, naming the field at fault.
 

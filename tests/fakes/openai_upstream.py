@@ -34,13 +34,16 @@ Contracts:
 
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import enum
+import hashlib
 import http
 import json as stdlib_json
 import logging
 import re
+import struct
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final, TypeVar
 
@@ -420,6 +423,10 @@ class FakeOpenAI:
             )
         if request.method == "POST" and path == "/v1/chat/completions":
             return self.chat_completion_reply(request)
+        if request.method == "POST" and path == "/v1/embeddings":
+            return embeddings_reply(request)
+        if request.method == "POST" and path == "/v1/completions":
+            return completions_reply(request)
         return Reply.json(
             openai_error(
                 f"Unknown request URL: {request.method} {path}. Please check the URL for "
@@ -489,6 +496,84 @@ class FakeOpenAI:
             )
             return Reply.sse(answer.stream_events(include_usage=include_usage), delay=chunk_delay)
         return Reply.json(answer.completion())
+
+
+EMBEDDING_DIMENSIONS: Final = 8
+
+
+def fake_embedding(item: Any, dimensions: int = EMBEDDING_DIMENSIONS) -> list[float]:
+    """A deterministic vector for an input item (the same item, the same vector)."""
+    seed = hashlib.sha256(stdlib_json.dumps(item).encode()).digest()
+    return [round((byte - 128) / 128, 6) for byte in seed[:dimensions]]
+
+
+def embeddings_reply(request: RecordedRequest) -> Reply:
+    """``POST /v1/embeddings`` as OpenAI answers it: one vector per input item, float or
+    base64 (little-endian float32, what ``encoding_format = "base64"`` returns), and usage
+    (tokens: whitespace-separated words, or the token ids given)."""
+    payload = orjson.loads(request.body)
+    model = payload.get("model")
+    raw = payload.get("input")
+    if not isinstance(model, str) or raw is None:
+        return _bad_request("you must provide a model and an input", param="input")
+    items = [raw] if isinstance(raw, str) or (
+        isinstance(raw, list) and raw and all(isinstance(t, int) for t in raw)
+    ) else raw  # fmt: skip
+    dimensions = payload.get("dimensions") or EMBEDDING_DIMENSIONS
+    data = []
+    tokens = 0
+    for index, item in enumerate(items):
+        vector = fake_embedding(item, dimensions)
+        tokens += len(item) if isinstance(item, list) else max(1, _word_count(str(item)))
+        embedding: Any = vector
+        if payload.get("encoding_format") == "base64":
+            embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": embedding})
+    return Reply.json(
+        {
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )
+
+
+def completions_reply(request: RecordedRequest) -> Reply:
+    """Legacy ``POST /v1/completions``: the text is ``" echo: "`` + the prompt, streamed word
+    by word as ``text_completion`` chunks when asked (with the usage chunk on request)."""
+    payload = orjson.loads(request.body)
+    prompt = payload.get("prompt")
+    model = payload.get("model")
+    if not isinstance(model, str) or not isinstance(prompt, str):
+        return _bad_request("you must provide a model and a string prompt", param="prompt")
+    text = " echo: " + prompt
+    usage = {
+        "prompt_tokens": _word_count(prompt),
+        "completion_tokens": _word_count(text),
+        "total_tokens": _word_count(prompt) + _word_count(text),
+    }
+    base = {"id": "cmpl-fake-1", "object": "text_completion", "created": CREATED, "model": model}
+    if payload.get("stream") is True:
+        events = [
+            sse_event({**base, "choices": [
+                {"text": piece, "index": 0, "logprobs": None, "finish_reason": None}]})
+            for piece in _words(text)
+        ]  # fmt: skip
+        events.append(sse_event({**base, "choices": [
+            {"text": "", "index": 0, "logprobs": None, "finish_reason": "stop"}]}))  # fmt: skip
+        options = payload.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage") is True:
+            events.append(sse_event({**base, "choices": [], "usage": usage}))
+        events.append(SSE_DONE)
+        return Reply.sse(events)
+    return Reply.json(
+        {
+            **base,
+            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": "stop"}],
+            "usage": usage,
+        }
+    )
 
 
 def _model(model_id: str) -> dict[str, Any]:
