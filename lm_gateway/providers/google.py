@@ -24,8 +24,10 @@ from ..wire.gemini import (
     GeminiOptions,
     GeminiStreamTranslator,
     error_from_status,
+    from_gemini_embeddings,
     from_gemini_response,
     image_urls,
+    to_gemini_embeddings,
     to_gemini_request,
 )
 from ..wire.openai import wants_stream_usage
@@ -188,6 +190,25 @@ class GoogleProvider:
             headers=headers,
             deadline=self._http.deadline(call.deadline),
         )
+
+    async def embeddings(self, call: ChatCall) -> ChatResult:
+        """OpenAI embeddings through ``batchEmbedContents`` (Developer API) or ``predict``
+        (Vertex AI)."""
+        request, method = to_gemini_embeddings(call.body, vertex=self.config.vertexai)
+        headers = {**call.headers, **await self._auth_headers()}
+        response = await self._http.request_json(
+            "POST",
+            self._url(str(call.body.get("model", "")), method),
+            content=orjson.dumps(request),
+            headers=headers,
+            deadline=self._http.deadline(call.deadline),
+        )
+        try:
+            body = from_gemini_embeddings(response, call.body, vertex=self.config.vertexai)
+        except UpstreamError as error:
+            error.connection = self.name
+            raise
+        return ChatResult(body=body)
 
     async def list_models(self) -> list[JSONObject] | None:
         models: list[JSONObject] = []

@@ -21,11 +21,13 @@ provider beforehand and handed in as bytes. The rules (tables in ``doc/providers
 
 from __future__ import annotations
 
+import base64
 import copy
 import functools
 import math
 import re
 import secrets
+import struct
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -996,3 +998,98 @@ def error_from_status(
     return error_from_body(
         connection, status, error if isinstance(error, dict) else {}, headers, raw
     )
+
+
+# -- embeddings ---------------------------------------------------------------------------------
+
+
+def to_gemini_embeddings(body: Mapping[str, Any], *, vertex: bool) -> tuple[JSONObject, str]:
+    """An OpenAI embeddings request as Gemini's: ``(request body, method)``.
+
+    The Developer API takes ``batchEmbedContents`` (one request per input text); Vertex AI
+    takes ``predict`` (one instance per text). ``dimensions`` becomes
+    ``outputDimensionality``; Gemini's ``task_type`` may be sent as an extra field.
+
+    Raises:
+        NotSupported: token-id inputs (Gemini embeds text only).
+    """
+    raw = body.get("input")
+    texts = [raw] if isinstance(raw, str) else raw
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise NotSupported(
+            "Gemini embeds text: send 'input' as a string or an array of strings, not token ids.",
+            param="input",
+        )
+    model = str(body.get("model", "")).removeprefix("models/")
+    dimensions = body.get("dimensions")
+    task = body.get("task_type") or body.get("taskType")
+    if vertex:
+        instance_extra = {"task_type": task} if task else {}
+        request: JSONObject = {"instances": [{"content": t, **instance_extra} for t in texts]}
+        if dimensions:
+            request["parameters"] = {"outputDimensionality": dimensions}
+        return request, "predict"
+    one_extra: JSONObject = {}
+    if task:
+        one_extra["taskType"] = task
+    if dimensions:
+        one_extra["outputDimensionality"] = dimensions
+    requests = [
+        {"model": f"models/{model}", "content": {"parts": [{"text": t}]}, **one_extra}
+        for t in texts
+    ]
+    return {"requests": requests}, "batchEmbedContents"
+
+
+def from_gemini_embeddings(
+    response: Mapping[str, Any], body: Mapping[str, Any], *, vertex: bool
+) -> JSONObject:
+    """Gemini's embeddings as OpenAI's list (floats, or base64 float32 when asked).
+
+    Usage: Vertex reports token counts per text; the Developer API may report
+    ``usageMetadata.promptTokenCount``; without either, an estimate (4 characters a token).
+
+    Raises:
+        UpstreamProtocolError: the answer has no vectors.
+    """
+    raw = body.get("input")
+    texts = [raw] if isinstance(raw, str) else list(raw or [])
+    vectors: list[list[float]] = []
+    tokens = 0
+    if vertex:
+        for prediction in response.get("predictions") or []:
+            embeddings = prediction.get("embeddings") if isinstance(prediction, dict) else None
+            values = embeddings.get("values") if isinstance(embeddings, dict) else None
+            if isinstance(values, list):
+                vectors.append(values)
+                stats = embeddings.get("statistics") if isinstance(embeddings, dict) else None
+                if isinstance(stats, dict) and isinstance(stats.get("token_count"), int | float):
+                    tokens += int(stats["token_count"])
+    else:
+        for embedding in response.get("embeddings") or []:
+            values = embedding.get("values") if isinstance(embedding, dict) else None
+            if isinstance(values, list):
+                vectors.append(values)
+        usage = response.get("usageMetadata")
+        if isinstance(usage, dict) and isinstance(usage.get("promptTokenCount"), int):
+            tokens = usage["promptTokenCount"]
+    if len(vectors) != len(texts):
+        raise UpstreamProtocolError(
+            f"Gemini answered {len(vectors)} embeddings for {len(texts)} inputs.",
+            detail=f"keys: {sorted(response)[:10]}",
+        )
+    if not tokens:
+        tokens = sum(max(1, len(t) // 4) for t in texts)
+    as_base64 = body.get("encoding_format") == "base64"
+    data = []
+    for index, vector in enumerate(vectors):
+        encoded: Any = vector
+        if as_base64:
+            encoded = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": encoded})
+    return {
+        "object": "list",
+        "data": data,
+        "model": body.get("model"),
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }

@@ -974,3 +974,50 @@ async def test_midstream_error_in_the_same_read_as_text_still_streams_the_text(
     assert set(orjson.loads(events[-1].removeprefix(b"data: "))) == {"error"}
     record = await gateway.records.wait_for(lambda r: r.outcome == "error")
     assert record.usage is not None and record.usage["completion_tokens"] > 0
+
+
+# -- embeddings -------------------------------------------------------------------------------
+
+
+async def test_embeddings_through_batch_embed_contents(
+    fake: FakeGemini, client: openai.AsyncOpenAI
+) -> None:
+    floats = await client.embeddings.create(
+        model="gemini-embedding-001", input=["one two", "three"], dimensions=4,
+        encoding_format="float",
+    )  # fmt: skip
+    decoded = await client.embeddings.create(model="gemini-embedding-001", input="one two")
+    sent = fake.requests[0]
+    assert sent.path.startswith("/v1beta/models/gemini-embedding-001:batchEmbedContents")
+    assert sent.json == {
+        "requests": [
+            {"model": "models/gemini-embedding-001", "content": {"parts": [{"text": "one two"}]},
+             "outputDimensionality": 4},
+            {"model": "models/gemini-embedding-001", "content": {"parts": [{"text": "three"}]},
+             "outputDimensionality": 4},
+        ]
+    }  # fmt: skip
+    assert [len(d.embedding) for d in floats.data] == [4, 4]
+    # The same text, the same vector (the fake's is deterministic; base64 is float32).
+    assert decoded.data[0].embedding[:4] == pytest.approx(floats.data[0].embedding, abs=1e-6)
+    assert floats.model == "gemini-embedding-001"
+    assert floats.usage.prompt_tokens > 0  # estimated: the Developer API reports none
+
+
+async def test_token_id_inputs_are_a_clear_400_for_gemini(client: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.embeddings.create(model="gemini-embedding-001", input=[[1, 2, 3]])
+    assert refused.value.param == "input"
+
+
+async def test_vertex_embeddings_through_predict(fake: FakeGemini) -> None:
+    config = gateway_config(connection_config(fake, vertexai=True))  # express mode: a key
+    async with run_gateway(config) as gateway, sdk(gateway) as client:
+        done = await client.embeddings.create(
+            model="gemini-embedding-001", input=["a b c"], encoding_format="float"
+        )
+    sent = fake.requests[0]
+    assert sent.path.startswith("/v1beta1/publishers/google/models/gemini-embedding-001:predict")
+    assert sent.json == {"instances": [{"content": "a b c"}]}
+    assert len(done.data[0].embedding) == 8
+    assert done.usage.prompt_tokens == 3  # Vertex counts the tokens

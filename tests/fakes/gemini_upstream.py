@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json as stdlib_json
 import re
 from collections.abc import AsyncIterator, Iterator
@@ -503,11 +504,18 @@ def _empty_object_errors(schema: Any, path: str) -> Iterator[str]:
 
 # -- reading requests ---------------------------------------------------------------------
 
+def _vector(text: str, size: int) -> list[float]:
+    """A deterministic embedding of ``text``."""
+    digest = hashlib.sha256(text.encode()).digest() * (size // 32 + 1)
+    return [round((byte - 128) / 128, 6) for byte in digest[:size]]
+
+
 _ROUTE: Final = re.compile(
     r"/(?P<version>v1|v1beta|v1alpha|v1beta1)/"
     r"(?:(?P<vertex>projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)/)?"
     r"(?P<publisher>publishers/google/)?)"
-    r"models/(?P<model>[^/:]+):(?P<method>generateContent|streamGenerateContent|countTokens)"
+    r"models/(?P<model>[^/:]+):"
+    r"(?P<method>generateContent|streamGenerateContent|countTokens|batchEmbedContents|predict)"
 )
 _LIST: Final = re.compile(
     r"/(?P<version>v1|v1beta|v1alpha|v1beta1)/(?P<publisher>publishers/google/)?models"
@@ -775,6 +783,8 @@ class FakeGemini(FakeOpenAI):
                 self._check_model(target)
                 if target.method == "countTokens":
                     return self._count_tokens(request, target)
+                if target.method in ("batchEmbedContents", "predict"):
+                    return self._embed(request, target)
                 return self._generate(request, target)
             if request.method == "GET" and (match := _LIST.fullmatch(path)):
                 vertex = match["publisher"] is not None
@@ -886,6 +896,42 @@ class FakeGemini(FakeOpenAI):
         }
 
     # -- countTokens ----------------------------------------------------------------------
+
+    def _embed(self, request: RecordedRequest, target: _Target) -> Reply:
+        """``batchEmbedContents`` (Developer API) or ``predict`` (Vertex AI): one deterministic
+        vector per text, ``outputDimensionality`` long (default 8), in each API's own shape."""
+        payload = _parse_body(request)
+        if target.method == "predict":
+            if not target.vertex_like:
+                raise _invalid("predict is a Vertex AI method\n")
+            instances = payload.get("instances")
+            if not isinstance(instances, list) or not instances:
+                raise _invalid("instances is required\n")
+            size = (payload.get("parameters") or {}).get("outputDimensionality") or 8
+            predictions = []
+            for instance in instances:
+                text = instance.get("content") if isinstance(instance, dict) else None
+                if not isinstance(text, str):
+                    raise _invalid("each instance needs a content string\n")
+                predictions.append({"embeddings": {
+                    "values": _vector(text, size),
+                    "statistics": {"token_count": _word_count(text), "truncated": False},
+                }})  # fmt: skip
+            return gemini_json_reply({"predictions": predictions})
+        if target.vertex_like:
+            raise _invalid("batchEmbedContents is not served by Vertex AI; use predict\n")
+        requests = payload.get("requests")
+        if not isinstance(requests, list) or not requests:
+            raise _invalid("* BatchEmbedContentsRequest.requests: requests is required\n")
+        embeddings = []
+        for item in requests:
+            if not isinstance(item, dict) or item.get("model") != f"models/{target.model}":
+                raise _invalid("* requests[].model must match the URL's model\n")
+            parts = (item.get("content") or {}).get("parts") or []
+            text = "".join(p.get("text", "") for p in parts if isinstance(p, dict))
+            size = item.get("outputDimensionality") or 8
+            embeddings.append({"values": _vector(text, size)})
+        return gemini_json_reply({"embeddings": embeddings})
 
     def _count_tokens(self, request: RecordedRequest, target: _Target) -> Reply:
         payload = _parse_body(request)
