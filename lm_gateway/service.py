@@ -71,6 +71,13 @@ from .providers import ChatCall, ChatStream, Connection, build_connection, close
 from .providers.fanout import fan_out_chat, fan_out_stream, has_native_n
 from .routing import Route, Router, allowed_model, is_pattern
 from .strategies import StrategyProvider, guard
+from .wire.anthropic_inbound import (
+    MessageStreamEncoder,
+    anthropic_error_body,
+    estimate_input_tokens,
+    messages_to_openai,
+    openai_to_message,
+)
 from .wire.openai import (
     StreamAccumulator,
     StreamTally,
@@ -694,86 +701,129 @@ class Gateway:
 
         async def handle(record: RequestContext, group: Group) -> Reply | StreamReply:
             data = parse_json_object(request.body)
-            validate_chat_request(data)
-            record.request = data
-            record.model = model = data["model"]
-            route = self.router.resolve(model)
-            record.connection = route.connection
-            record.upstream_model = route.upstream_model
-            self._authorize(group, route)
-            if self.handlers:
-                await self._run_handlers(record, group)
-                data = self._after_handlers(record, group)
-            stream = bool(data.get("stream"))
-            record.stream = stream
-            connection = self.connections[str(record.connection)]
-            client_wants_usage = wants_stream_usage(data)
-            data["model"] = record.upstream_model
-            call = ChatCall(
-                body=data,
-                client_model=model,
-                stream=stream,
-                deadline=trio.current_time() + self.config.request_timeout_seconds,
-                request_id=record.id,
-                nursery=scope.nursery,
-                headers=dict(record.upstream_headers),
-                connections=self.connections,
-                client_headers=request.headers,
-            )
-            n = data.get("n") or 1
-            fan_out = n > 1 and not has_native_n(connection)
-            # From here on the upstream may spend tokens (accounting needs to know).
-            record.internal["upstream_started"] = True
-            record.internal["upstream_t0"] = time.perf_counter()
-            if not stream:
-                try:
-                    if fan_out:
-                        result = await fan_out_chat(connection, call, n)
-                    else:
-                        result = await connection.chat(call)
-                finally:
-                    # Answered or failed: the upstream's part of the time ends here.
-                    record.internal["upstream_t1"] = time.perf_counter()
-                    self._note_attempts(record, call)
-                record.mark_first_chunk()
-                body = result.body
-                body["model"] = model
-                record.response = body
-                usage = body.get("usage")
-                record.usage = usage if isinstance(usage, dict) else None
-                record.finish_reasons = [
-                    c["finish_reason"]
-                    for c in body.get("choices") or []
-                    if isinstance(c, dict) and isinstance(c.get("finish_reason"), str)
-                ]
-                reply = self._ok_reply(record, body)
-                reply.headers.update(result.headers)
-                return reply
-            try:
-                if fan_out:
-                    upstream = await fan_out_stream(connection, call, n)
-                else:
-                    upstream = await connection.open_chat_stream(call)
-            finally:
-                self._note_attempts(record, call)
-            relay = SSERelay(
-                self,
-                upstream,
-                record,
-                model,
-                strip_usage=call.usage_requested_by_gateway and not client_wants_usage,
-            )
-            scope.add_closer(relay.aclose)
-            try:
-                await relay.prefetch()
-            finally:
-                record.internal["upstream_t1"] = relay.first_chunk_at or time.perf_counter()
-            return StreamReply(
-                relay,
-                headers={**record.response_headers, **SSE_HEADERS, "x-request-id": record.id},
-            )
+            return await self._chat(record, group, request, scope, data)
 
         return await self._serve(request, "chat.completions", handle)
+
+    async def messages(self, request: IncomingRequest, scope: RequestScope) -> Reply | StreamReply:
+        """Serve Anthropic's ``POST {prefix}/messages`` for any connection: the request is
+        translated to a chat completion, goes the same way (keys, routing, handlers, guards,
+        strategies, logs), and the answer comes back as a Messages answer or event stream.
+        Errors are in Anthropic's shape."""
+
+        async def handle(record: RequestContext, group: Group) -> Reply | StreamReply:
+            data = messages_to_openai(parse_json_object(request.body))
+            return await self._chat(record, group, request, scope, data, anthropic=True)
+
+        return anthropic_errors(await self._serve(request, "messages", handle))
+
+    async def count_tokens(self, request: IncomingRequest) -> Reply | StreamReply:
+        """Serve ``POST {prefix}/messages/count_tokens``: an estimate (four characters a
+        token) for a model the caller may use."""
+
+        async def handle(record: RequestContext, group: Group) -> Reply:
+            body = parse_json_object(request.body)
+            data = messages_to_openai({"max_tokens": 1, **body})
+            record.model = data["model"]
+            route = self.router.resolve(data["model"])
+            record.connection = route.connection
+            self._authorize(group, route)
+            return self._ok_reply(record, {"input_tokens": estimate_input_tokens(body)})
+
+        return anthropic_errors(await self._serve(request, "messages.count_tokens", handle))
+
+    async def _chat(
+        self,
+        record: RequestContext,
+        group: Group,
+        request: IncomingRequest,
+        scope: RequestScope,
+        data: dict[str, Any],
+        *,
+        anthropic: bool = False,
+    ) -> Reply | StreamReply:
+        """One chat completion, answered in OpenAI's format or (``anthropic``) as a Messages
+        answer."""
+        validate_chat_request(data)
+        record.request = data
+        record.model = model = data["model"]
+        route = self.router.resolve(model)
+        record.connection = route.connection
+        record.upstream_model = route.upstream_model
+        self._authorize(group, route)
+        if self.handlers:
+            await self._run_handlers(record, group)
+            data = self._after_handlers(record, group)
+        stream = bool(data.get("stream"))
+        record.stream = stream
+        connection = self.connections[str(record.connection)]
+        client_wants_usage = wants_stream_usage(data)
+        data["model"] = record.upstream_model
+        call = ChatCall(
+            body=data,
+            client_model=model,
+            stream=stream,
+            deadline=trio.current_time() + self.config.request_timeout_seconds,
+            request_id=record.id,
+            nursery=scope.nursery,
+            headers=dict(record.upstream_headers),
+            connections=self.connections,
+            client_headers=request.headers,
+        )
+        n = data.get("n") or 1
+        fan_out = n > 1 and not has_native_n(connection)
+        # From here on the upstream may spend tokens (accounting needs to know).
+        record.internal["upstream_started"] = True
+        record.internal["upstream_t0"] = time.perf_counter()
+        if not stream:
+            try:
+                if fan_out:
+                    result = await fan_out_chat(connection, call, n)
+                else:
+                    result = await connection.chat(call)
+            finally:
+                # Answered or failed: the upstream's part of the time ends here.
+                record.internal["upstream_t1"] = time.perf_counter()
+                self._note_attempts(record, call)
+            record.mark_first_chunk()
+            body = result.body
+            body["model"] = model
+            record.response = body
+            usage = body.get("usage")
+            record.usage = usage if isinstance(usage, dict) else None
+            record.finish_reasons = [
+                c["finish_reason"]
+                for c in body.get("choices") or []
+                if isinstance(c, dict) and isinstance(c.get("finish_reason"), str)
+            ]
+            answer = openai_to_message(body, model) if anthropic else body
+            reply = self._ok_reply(record, answer)
+            reply.headers.update(result.headers)
+            return reply
+        try:
+            if fan_out:
+                upstream = await fan_out_stream(connection, call, n)
+            else:
+                upstream = await connection.open_chat_stream(call)
+        finally:
+            self._note_attempts(record, call)
+        relay = SSERelay(
+            self,
+            upstream,
+            record,
+            model,
+            strip_usage=call.usage_requested_by_gateway and not client_wants_usage,
+            encoder=MessageStreamEncoder(model) if anthropic else None,
+        )
+        scope.add_closer(relay.aclose)
+        try:
+            await relay.prefetch()
+        finally:
+            record.internal["upstream_t1"] = relay.first_chunk_at or time.perf_counter()
+        return StreamReply(
+            relay,
+            headers={**record.response_headers, **SSE_HEADERS, "x-request-id": record.id},
+        )
 
     async def embeddings(
         self, request: IncomingRequest, scope: RequestScope
@@ -905,6 +955,22 @@ class Gateway:
 
         async def handle(record: RequestContext, group: Group) -> Reply:
             entries = await self._model_entries(group)
+            if "anthropic-version" in request.headers:
+                # Anthropic's SDK (and Claude Code) list models in Anthropic's shape.
+                models = [
+                    {"type": "model", "id": e["id"], "display_name": e["id"],
+                     "created_at": "1970-01-01T00:00:00Z"}
+                    for e in entries
+                ]  # fmt: skip
+                return self._ok_reply(
+                    record,
+                    {
+                        "data": models,
+                        "has_more": False,
+                        "first_id": models[0]["id"] if models else None,
+                        "last_id": models[-1]["id"] if models else None,
+                    },
+                )
             return self._ok_reply(record, {"object": "list", "data": entries})
 
         return await self._serve(request, "models.list", handle)
@@ -1037,8 +1103,11 @@ class SSERelay:
         client_model: str,
         *,
         strip_usage: bool,
+        encoder: MessageStreamEncoder | None = None,
     ) -> None:
         self._gateway = gateway
+        #: Re-encodes chunks for another protocol (Anthropic's Messages events); None: OpenAI.
+        self._encoder = encoder
         self._upstream = upstream
         self._record = record
         self._model = client_model
@@ -1064,7 +1133,7 @@ class SSERelay:
             while True:
                 batch = await self._upstream.receive()
                 if not batch:
-                    self._pending = DONE_EVENT
+                    self._pending = self._done()
                     self._ended = True
                     self._finish("ok", 200)
                     break
@@ -1081,10 +1150,19 @@ class SSERelay:
         self.first_chunk_at = time.perf_counter()
         self._record.mark_first_chunk()
 
+    def _done(self) -> bytes:
+        return DONE_EVENT if self._encoder is None else self._encoder.end()
+
     def _encode(self, batch: list[dict[str, Any]]) -> bytes:
         parts: list[bytes] = []
         tally = self._tally
         answer = self._answer
+        if self._encoder is not None:
+            for chunk in batch:
+                tally.observe(chunk)
+                if answer is not None:
+                    answer.observe(chunk)
+            return self._encoder.encode(batch)
         for chunk in batch:
             tally.observe(chunk)
             if answer is not None:
@@ -1136,7 +1214,7 @@ class SSERelay:
             if not batch:
                 self._ended = True
                 self._finish("ok", 200)
-                return DONE_EVENT
+                return self._done()
             data = self._encode(batch)
             if data:
                 return data
@@ -1154,6 +1232,9 @@ class SSERelay:
                     "request %s: stream failed: %s (%s)", record.id, error.message, error.detail
                 )
         self._finish("error", error.http_status)
+        if self._encoder is not None:
+            message = error.to_body(debug=self._gateway.debug)["error"]["message"]
+            return self._encoder.error(error.http_status, message)
         return b"data: " + orjson.dumps(error.to_body(debug=self._gateway.debug)) + b"\n\n"
 
     def _finish(self, outcome: Outcome, status: int) -> None:
@@ -1194,3 +1275,16 @@ def format_cost(cost: float) -> str:
     """US dollars as a plain decimal (no exponent): ``0.0001375``."""
     text = f"{cost:.10f}".rstrip("0").rstrip(".")
     return text or "0"
+
+
+def anthropic_errors(reply: Reply | StreamReply) -> Reply | StreamReply:
+    """An error reply in Anthropic's shape (``{"type": "error", "error": {...}}``), same
+    status and headers; other replies unchanged."""
+    if isinstance(reply, StreamReply) or reply.status < 400:
+        return reply
+    try:
+        message = orjson.loads(reply.body)["error"]["message"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        message = "The request failed."
+    reply.body = orjson.dumps(anthropic_error_body(reply.status, str(message)))
+    return reply

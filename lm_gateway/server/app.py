@@ -38,7 +38,15 @@ from ..errors import (
     NotFound,
     RequestTooLarge,
 )
-from ..service import Gateway, IncomingRequest, Reply, RequestScope, StreamReply, open_request_scope
+from ..service import (
+    Gateway,
+    IncomingRequest,
+    Reply,
+    RequestScope,
+    StreamReply,
+    anthropic_errors,
+    open_request_scope,
+)
 
 log = logging.getLogger("lm_gateway")
 
@@ -100,6 +108,10 @@ def _from_http_exception(error: HTTPException) -> GatewayError:
     return HTTPStatusError(
         error.description or error.name, status=status, code=error.name.lower().replace(" ", "_")
     )
+
+
+def _error_reply(error: GatewayError, debug: bool) -> Reply:
+    return Reply(error.http_status, orjson.dumps(error.to_body(debug=debug)), dict(error.headers))
 
 
 def _error_response(error: GatewayError, debug: bool) -> Response:
@@ -231,6 +243,22 @@ def blueprint(
             reply = await gateway.chat_completions(req, request_scope())
         except GatewayError as error:
             return _error_response(error, debug)
+        return _to_response(reply)
+
+    @bp.post(f"{prefix}/messages")
+    async def messages() -> Response:
+        try:
+            reply = await gateway.messages(await incoming(), request_scope())
+        except GatewayError as error:
+            return _to_response(anthropic_errors(_error_reply(error, debug)))
+        return _to_response(reply)
+
+    @bp.post(f"{prefix}/messages/count_tokens")
+    async def count_tokens() -> Response:
+        try:
+            reply = await gateway.count_tokens(await incoming())
+        except GatewayError as error:
+            return _to_response(anthropic_errors(_error_reply(error, debug)))
         return _to_response(reply)
 
     @bp.post(f"{prefix}/embeddings")
