@@ -56,6 +56,7 @@ from .errors import (
     ConfigError,
     GatewayError,
     InternalError,
+    InvalidRequest,
     ModelNotFound,
     NotSupported,
     PermissionDenied,
@@ -71,8 +72,11 @@ from .providers import ChatCall, ChatStream, Connection, build_connection, close
 from .providers.fanout import fan_out_chat, fan_out_stream, has_native_n
 from .routing import Route, Router, allowed_model, is_pattern
 from .strategies import StrategyProvider, guard
+from .wire.anthropic import translate_usage
 from .wire.anthropic_inbound import (
+    ANTHROPIC_ERROR_TYPES,
     MessageStreamEncoder,
+    PassthroughEncoder,
     anthropic_error_body,
     estimate_input_tokens,
     messages_to_openai,
@@ -712,10 +716,97 @@ class Gateway:
         Errors are in Anthropic's shape."""
 
         async def handle(record: RequestContext, group: Group) -> Reply | StreamReply:
-            data = messages_to_openai(parse_json_object(request.body))
+            raw = parse_json_object(request.body)
+            model = raw.get("model")
+            if isinstance(model, str) and model:
+                route = self.router.match(model)
+                if route is not None:
+                    target = self.connections.get(route.connection)
+                    serves = getattr(target, "serves", None)
+                    if callable(serves) and serves("messages_passthrough"):
+                        return await self._messages_passthrough(record, group, request, scope, raw)
+            data = messages_to_openai(raw)
             return await self._chat(record, group, request, scope, data, anthropic=True)
 
         return anthropic_errors(await self._serve(request, "messages", handle))
+
+    async def _messages_passthrough(
+        self,
+        record: RequestContext,
+        group: Group,
+        request: IncomingRequest,
+        scope: RequestScope,
+        data: dict[str, Any],
+    ) -> Reply | StreamReply:
+        """An Anthropic client on an Anthropic connection: the request and the answer go
+        through as they are (thinking signatures, ``cache_control``, beta features, fields
+        newer than the gateway), with the same keys, routing, handlers, guard and accounting
+        (the usage is read from the answer or the events)."""
+        max_tokens = data.get("max_tokens")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise InvalidRequest(
+                "max_tokens: Field required (a positive integer)", param="max_tokens"
+            )
+        if not isinstance(data.get("messages"), list):
+            raise InvalidRequest("messages: Field required", param="messages")
+        record.request = data
+        record.model = model = data["model"]
+        route = self.router.resolve(model)
+        record.connection = route.connection
+        record.upstream_model = route.upstream_model
+        self._authorize(group, route)
+        if self.handlers:
+            await self._run_handlers(record, group)
+            data = self._after_handlers(record, group)
+        connection: Any = self.connections[str(record.connection)]
+        stream = bool(data.get("stream"))
+        record.stream = stream
+        data["model"] = record.upstream_model
+        call = ChatCall(
+            body=data,
+            client_model=model,
+            stream=stream,
+            deadline=trio.current_time() + self.config.request_timeout_seconds,
+            request_id=record.id,
+            nursery=scope.nursery,
+            headers=dict(record.upstream_headers),
+            connections=self.connections,
+            client_headers=request.headers,
+        )
+        record.internal["upstream_started"] = True
+        record.internal["upstream_t0"] = time.perf_counter()
+        if not stream:
+            try:
+                result = await connection.messages_passthrough(call)
+            finally:
+                record.internal["upstream_t1"] = time.perf_counter()
+                self._note_attempts(record, call)
+            record.mark_first_chunk()
+            body = result.body
+            body["model"] = model
+            record.response = body
+            record.usage = translate_usage(body.get("usage"))
+            if isinstance(body.get("stop_reason"), str):
+                record.finish_reasons = [body["stop_reason"]]
+            reply = self._ok_reply(record, body)
+            reply.headers.update(result.headers)
+            return reply
+        try:
+            upstream = await connection.open_messages_stream(call)
+        finally:
+            self._note_attempts(record, call)
+        relay = SSERelay(
+            self, upstream, record, model, strip_usage=False, encoder=PassthroughEncoder(model)
+        )
+        scope.add_closer(relay.aclose)
+        try:
+            await relay.prefetch()
+        finally:
+            record.internal["upstream_t1"] = relay.first_chunk_at or time.perf_counter()
+        return StreamReply(
+            relay,
+            headers={**record.response_headers, **SSE_HEADERS, "x-request-id": record.id},
+        )
 
     async def count_tokens(self, request: IncomingRequest) -> Reply | StreamReply:
         """Serve ``POST {prefix}/messages/count_tokens``: an estimate (four characters a
@@ -1103,7 +1194,7 @@ class SSERelay:
         client_model: str,
         *,
         strip_usage: bool,
-        encoder: MessageStreamEncoder | None = None,
+        encoder: MessageStreamEncoder | PassthroughEncoder | None = None,
     ) -> None:
         self._gateway = gateway
         #: Re-encodes chunks for another protocol (Anthropic's Messages events); None: OpenAI.
@@ -1158,10 +1249,11 @@ class SSERelay:
         tally = self._tally
         answer = self._answer
         if self._encoder is not None:
-            for chunk in batch:
-                tally.observe(chunk)
-                if answer is not None:
-                    answer.observe(chunk)
+            if not getattr(self._encoder, "passthrough", False):
+                for chunk in batch:
+                    tally.observe(chunk)
+                    if answer is not None:
+                        answer.observe(chunk)
             return self._encoder.encode(batch)
         for chunk in batch:
             tally.observe(chunk)
@@ -1241,6 +1333,13 @@ class SSERelay:
         record = self._record
         tally = self._tally
         usage = tally.usage
+        encoder = self._encoder
+        if getattr(encoder, "passthrough", False):
+            # Anthropic events relayed as they are: the encoder read the usage from them.
+            usage = getattr(encoder, "usage", None)
+            stop = getattr(encoder, "stop_reason", None)
+            if stop:
+                tally.finish_reasons[0] = stop
         if usage is None and outcome != "ok":
             # Interrupted before the final usage chunk: what the provider reported so far.
             partial = getattr(self._upstream, "partial_usage", None)
@@ -1283,8 +1382,15 @@ def anthropic_errors(reply: Reply | StreamReply) -> Reply | StreamReply:
     if isinstance(reply, StreamReply) or reply.status < 400:
         return reply
     try:
-        message = orjson.loads(reply.body)["error"]["message"]
+        error = orjson.loads(reply.body)["error"]
+        message, kind = str(error["message"]), error.get("type")
     except (orjson.JSONDecodeError, KeyError, TypeError):
-        message = "The request failed."
-    reply.body = orjson.dumps(anthropic_error_body(reply.status, str(message)))
+        message, kind = "The request failed.", None
+    if kind == "overloaded_error" and reply.status == 503:
+        # Anthropic said 529 (OpenAI clients get 503); its own SDK expects 529 back.
+        reply.status = 529
+    body = anthropic_error_body(reply.status, message)
+    if kind in ANTHROPIC_ERROR_TYPES:
+        body["error"]["type"] = kind
+    reply.body = orjson.dumps(body)
     return reply

@@ -22,6 +22,7 @@ from ..wire.anthropic import (
     from_anthropic_response,
     to_anthropic_request,
 )
+from ..wire.anthropic_inbound import PassthroughTranslator
 from ..wire.openai import dumps, wants_stream_usage
 from .base import ChatCall, ChatResult, ChatStream, JSONObject
 from .http import HTTPUpstream
@@ -75,6 +76,36 @@ class AnthropicProvider:
         if betas:
             headers["anthropic-beta"] = ",".join(betas)
         return headers
+
+    # -- Anthropic clients (POST /v1/messages): the request and answer as they are ----------
+
+    def _passthrough(self, call: ChatCall) -> tuple[bytes, dict[str, str]]:
+        headers = self._headers(call)
+        version = call.client_headers.get("anthropic-version")
+        if version:
+            headers["anthropic-version"] = version
+        return dumps(call.body), headers
+
+    async def messages_passthrough(self, call: ChatCall) -> ChatResult:
+        content, headers = self._passthrough(call)
+        body = await self._http.request_json(
+            "POST",
+            self._messages_url,
+            content=content,
+            headers=headers,
+            deadline=self._http.deadline(call.deadline),
+        )
+        return ChatResult(body=body)
+
+    async def open_messages_stream(self, call: ChatCall) -> ChatStream:
+        content, headers = self._passthrough(call)
+        return await self._http.open_sse(
+            self._messages_url,
+            content=content,
+            translator=PassthroughTranslator(self.name),
+            headers=headers,
+            deadline=self._http.deadline(call.deadline),
+        )
 
     async def chat(self, call: ChatCall) -> ChatResult:
         request, info = to_anthropic_request(call.body, self.options)

@@ -183,6 +183,12 @@ class Guard:
             call, self._optional("open_completions_stream", "legacy completions")
         )
 
+    async def messages_passthrough(self, call: ChatCall) -> ChatResult:
+        return await self._run(call, self._optional("messages_passthrough", "Anthropic messages"))
+
+    async def open_messages_stream(self, call: ChatCall) -> ChatStream:
+        return await self._run(call, self._optional("open_messages_stream", "Anthropic messages"))
+
     def serves(self, method: str) -> bool:
         """Whether the wrapped connection has ``method`` (embeddings, completions...)."""
         return callable(getattr(self.inner, method, None))

@@ -49,6 +49,14 @@ _ERROR_TYPES = {
 }
 
 
+#: Error ``type`` values only an Anthropic upstream produces (OpenAI-shaped errors use
+#: ``invalid_request_error``/``api_error`` for everything): kept as the upstream sent them.
+ANTHROPIC_ERROR_TYPES = frozenset(
+    {"overloaded_error", "billing_error", "timeout_error", "not_found_error", "permission_error",
+     "authentication_error", "request_too_large", "rate_limit_error"}
+)  # fmt: skip
+
+
 def anthropic_error_body(status: int, message: str) -> JSONObject:
     """``{"type": "error", "error": {"type", "message"}}`` for ``status``."""
     kind = _ERROR_TYPES.get(status) or ("invalid_request_error" if status < 500 else "api_error")
@@ -472,3 +480,93 @@ def estimate_input_tokens(body: Mapping[str, Any]) -> int:
     characters of the prompt (system, messages, tools) a token."""
     size = len(dumps({k: body.get(k) for k in ("system", "messages", "tools")}))
     return max(1, size // 4)
+
+
+# -- passthrough to Anthropic connections ----------------------------------------------------
+
+
+class PassthroughTranslator:
+    """Anthropic stream events, parsed and passed on as they are (for an Anthropic client
+    talking to an Anthropic connection): nothing is translated, so thinking signatures,
+    citations, server tool blocks and fields newer than this gateway all survive. ``ping``
+    events are passed on too. An ``error`` event raises (the relay ends the stream with it)."""
+
+    def __init__(self, connection: str) -> None:
+        self._connection = connection
+        self.done = False
+
+    def feed(self, event: Any) -> list[JSONObject]:
+        if not event.data:
+            return []
+        try:
+            data = orjson.loads(event.data)
+        except orjson.JSONDecodeError as exc:
+            from ..errors import UpstreamProtocolError
+
+            raise UpstreamProtocolError(
+                f"The upstream provider sent a malformed event (connection {self._connection!r}).",
+                connection=self._connection,
+            ) from exc
+        if not isinstance(data, dict):
+            return []
+        if data.get("type") == "error":
+            from .anthropic import error_from_body
+
+            error = data.get("error")
+            raise error_from_body(self._connection, None, error if isinstance(error, dict) else {})
+        if data.get("type") == "message_stop":
+            self.done = True
+        return [data]
+
+    def finish(self) -> list[JSONObject]:
+        if not self.done:
+            from ..errors import UpstreamProtocolError
+
+            raise UpstreamProtocolError(
+                f"The upstream stream ended before message_stop (connection {self._connection!r}).",
+                connection=self._connection,
+            )
+        return []
+
+
+class PassthroughEncoder:
+    """Writes passed-through Anthropic events back out (``message_start`` gets the model name
+    the client asked for) and keeps what accounting needs: the usage (OpenAI-shaped) and the
+    stop reason."""
+
+    passthrough = True
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self._usage: JSONObject = {}
+        self.stop_reason: str | None = None
+
+    @property
+    def usage(self) -> JSONObject | None:
+        from .anthropic import translate_usage
+
+        return translate_usage(self._usage) if self._usage else None
+
+    def encode(self, events: list[JSONObject]) -> bytes:
+        out = []
+        for data in events:
+            kind = data.get("type")
+            if kind == "message_start" and isinstance(data.get("message"), dict):
+                message = data["message"]
+                message["model"] = self.model
+                if isinstance(message.get("usage"), dict):
+                    self._usage.update(message["usage"])
+            elif kind == "message_delta":
+                if isinstance(data.get("usage"), dict):
+                    self._usage.update({k: v for k, v in data["usage"].items() if v is not None})
+                delta = data.get("delta")
+                if isinstance(delta, dict) and delta.get("stop_reason"):
+                    self.stop_reason = delta["stop_reason"]
+            out.append(_event(str(kind), data))
+        return b"".join(out)
+
+    def end(self) -> bytes:
+        return b""  # the upstream's own message_stop went through
+
+    def error(self, status: int, message: str) -> bytes:
+        return _event("error", anthropic_error_body(status, message))

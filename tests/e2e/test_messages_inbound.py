@@ -204,3 +204,76 @@ async def test_a_client_leaving_a_message_stream_cancels_the_upstream() -> None:
             await fake.wait_closed(fake.requests[0])
             record = await gateway.records.wait_for(lambda r: r.outcome == "cancelled")
     assert record.endpoint == "messages"
+
+
+# -- Anthropic connections: passthrough ----------------------------------------------------
+
+
+async def test_passthrough_to_an_anthropic_connection_keeps_everything(tmp_path: Any) -> None:
+    from tests.fakes.anthropic_upstream import open_fake_anthropic, thinking_signature
+
+    async with open_fake_anthropic(api_keys=["sk-ant-provider"]) as fake:
+        data = {
+            "connections": {"claude": {
+                "api_type": "anthropic", "api_base": fake.base_url, "api_key": "sk-ant-provider",
+                "anthropic_beta": ["config-beta-1"]}},
+            "routing": {"claude*": "claude.*", "sonnet": "claude.claude-sonnet-4-6"},
+            "groups": {"default": {"api_keys": [KEY]}},
+            "loggers": [{"class": "BaseLogger", "log_writer": {
+                "class": "JsonLogWriter", "file_name": str(tmp_path / "l.jsonl")}}],
+        }  # fmt: skip
+        async with run_gateway(data) as gateway:
+            llm = anthropic.AsyncAnthropic(
+                base_url=gateway.url, api_key=KEY, max_retries=0, timeout=GUARD,
+                default_headers={"anthropic-beta": "client-beta-2"},
+            )  # fmt: skip
+            request: Any = {
+                "model": "sonnet", "max_tokens": 2000,
+                "thinking": {"type": "enabled", "budget_tokens": 1024},
+                "system": [{"type": "text", "text": "sys", "cache_control": {"type": "ephemeral"}}],
+                "messages": [{"role": "user", "content": "plan it"}],
+            }  # fmt: skip
+            message = await llm.messages.create(**request)
+            async with llm.messages.stream(**request) as stream:
+                final = await stream.get_final_message()
+            await gateway.records.wait_for(lambda r: r.stream and r.outcome == "ok")
+    # The thinking block arrives signed, as Anthropic made it (a translation would lose it).
+    thinking = message.content[0]
+    assert thinking.type == "thinking"
+    assert thinking.signature == thinking_signature(thinking.thinking)
+    assert final.content[0].signature == thinking.signature  # type: ignore[union-attr]
+    assert message.model == final.model == "sonnet"
+    sent = fake.requests[0]
+    body = sent.json
+    assert body["model"] == "claude-sonnet-4-6"
+    assert body["system"][0]["cache_control"] == {"type": "ephemeral"}
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+    assert sent.headers["x-api-key"] == "sk-ant-provider"
+    assert set(sent.headers["anthropic-beta"].split(",")) == {"config-beta-1", "client-beta-2"}
+    import json
+
+    entries = [json.loads(x) for x in (tmp_path / "l.jsonl").read_text().splitlines()]
+    assert [e["endpoint"] for e in entries] == ["messages", "messages"]
+    for entry in entries:
+        assert entry["prompt_tokens"] == message.usage.input_tokens
+        assert entry["completion_tokens"] == message.usage.output_tokens
+        assert entry["cost"] > 0
+
+
+async def test_passthrough_errors_keep_anthropics_status() -> None:
+    from tests.fakes.anthropic_upstream import error_reply, open_fake_anthropic
+
+    async with open_fake_anthropic(api_keys=["k"]) as fake:
+        data = {
+            "connections": {"claude": {"api_type": "anthropic", "api_base": fake.base_url,
+                                       "api_key": "k", "cooldown_after_failures": 0}},
+            "routing": {"claude*": "claude.*"},
+            "groups": {"default": {"api_keys": [KEY]}},
+        }  # fmt: skip
+        fake.push(error_reply("overloaded_error", "Overloaded"))
+        async with run_gateway(data) as gateway:
+            with pytest.raises(anthropic.OverloadedError) as raised:
+                await client(gateway).messages.create(
+                    model="claude-x", max_tokens=5, messages=[{"role": "user", "content": "x"}]
+                )
+    assert raised.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
