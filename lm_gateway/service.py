@@ -808,17 +808,39 @@ class Gateway:
             headers={**record.response_headers, **SSE_HEADERS, "x-request-id": record.id},
         )
 
-    async def count_tokens(self, request: IncomingRequest) -> Reply | StreamReply:
+    async def count_tokens(
+        self, request: IncomingRequest, scope: RequestScope
+    ) -> Reply | StreamReply:
         """Serve ``POST {prefix}/messages/count_tokens``: an estimate (four characters a
         token) for a model the caller may use."""
 
         async def handle(record: RequestContext, group: Group) -> Reply:
             body = parse_json_object(request.body)
-            data = messages_to_openai({"max_tokens": 1, **body})
-            record.model = data["model"]
-            route = self.router.resolve(data["model"])
+            model = body.get("model")
+            if not isinstance(model, str) or not model.strip():
+                raise InvalidRequest("model: Field required", param="model")
+            record.model = model
+            route = self.router.resolve(model)
             record.connection = route.connection
+            record.upstream_model = route.upstream_model
             self._authorize(group, route)
+            connection: Any = self.connections[route.connection]
+            serves = getattr(connection, "serves", None)
+            if callable(serves) and serves("count_tokens"):
+                # An Anthropic connection counts exactly.
+                call = ChatCall(
+                    body={**body, "model": route.upstream_model},
+                    client_model=model,
+                    stream=False,
+                    deadline=trio.current_time() + self.config.request_timeout_seconds,
+                    request_id=record.id,
+                    nursery=scope.nursery,
+                    connections=self.connections,
+                    client_headers=request.headers,
+                )
+                result = await connection.count_tokens(call)
+                return self._ok_reply(record, result.body)
+            messages_to_openai({"max_tokens": 1, **body})  # the same checks as a request
             return self._ok_reply(record, {"input_tokens": estimate_input_tokens(body)})
 
         return anthropic_errors(await self._serve(request, "messages.count_tokens", handle))

@@ -97,6 +97,18 @@ class AnthropicProvider:
         )
         return ChatResult(body=body)
 
+    async def count_tokens(self, call: ChatCall) -> ChatResult:
+        """Anthropic's own ``count_tokens`` (exact, free of charge)."""
+        content, headers = self._passthrough(call)
+        body = await self._http.request_json(
+            "POST",
+            f"{self._messages_url}/count_tokens",
+            content=content,
+            headers=headers,
+            deadline=self._http.deadline(call.deadline),
+        )
+        return ChatResult(body=body)
+
     async def open_messages_stream(self, call: ChatCall) -> ChatStream:
         content, headers = self._passthrough(call)
         return await self._http.open_sse(

@@ -256,7 +256,7 @@ def blueprint(
     @bp.post(f"{prefix}/messages/count_tokens")
     async def count_tokens() -> Response:
         try:
-            reply = await gateway.count_tokens(await incoming())
+            reply = await gateway.count_tokens(await incoming(), request_scope())
         except GatewayError as error:
             return _to_response(anthropic_errors(_error_reply(error, debug)))
         return _to_response(reply)

@@ -189,6 +189,9 @@ class Guard:
     async def open_messages_stream(self, call: ChatCall) -> ChatStream:
         return await self._run(call, self._optional("open_messages_stream", "Anthropic messages"))
 
+    async def count_tokens(self, call: ChatCall) -> ChatResult:
+        return await self._run(call, self._optional("count_tokens", "count_tokens"))
+
     def serves(self, method: str) -> bool:
         """Whether the wrapped connection has ``method`` (embeddings, completions...)."""
         return callable(getattr(self.inner, method, None))

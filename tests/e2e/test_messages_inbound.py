@@ -277,3 +277,51 @@ async def test_passthrough_errors_keep_anthropics_status() -> None:
                     model="claude-x", max_tokens=5, messages=[{"role": "user", "content": "x"}]
                 )
     assert raised.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+
+
+async def test_count_tokens_is_exact_on_an_anthropic_connection() -> None:
+    from tests.fakes.anthropic_upstream import open_fake_anthropic
+
+    async with open_fake_anthropic(api_keys=["k"]) as fake:
+        data = {
+            "connections": {"claude": {"api_type": "anthropic", "api_base": fake.base_url,
+                                       "api_key": "k"}},
+            "routing": {"claude*": "claude.claude-sonnet-4-6"},
+            "groups": {"default": {"api_keys": [KEY]}},
+        }  # fmt: skip
+        async with run_gateway(data) as gateway:
+            counted = await client(gateway).messages.count_tokens(
+                model="claude-any", messages=[{"role": "user", "content": "one two three four"}]
+            )
+    assert counted.input_tokens == 4  # the fake counts words, as its usage does
+    sent = fake.requests[0]
+    assert sent.path == "/v1/messages/count_tokens"
+    assert sent.json["model"] == "claude-sonnet-4-6"
+
+
+async def test_messages_to_a_gemini_connection() -> None:
+    from tests.fakes.gemini_upstream import open_fake_gemini
+
+    async with open_fake_gemini(api_keys={"g"}) as fake:
+        data = {
+            "connections": {"gem": {"api_type": "google", "api_base": fake.base_url,
+                                    "api_key": "g"}},
+            "routing": {"gemini*": "gem.*"},
+            "groups": {"default": {"api_keys": [KEY]}},
+        }  # fmt: skip
+        async with run_gateway(data) as gateway:
+            llm = client(gateway)
+            message = await llm.messages.create(
+                model="gemini-2.5-flash", max_tokens=50,
+                messages=[{"role": "user", "content": "hello gemini"}],
+            )  # fmt: skip
+            async with llm.messages.stream(
+                model="gemini-2.5-flash", max_tokens=50, tools=[WEATHER],
+                tool_choice={"type": "tool", "name": "get_weather"},
+                messages=[{"role": "user", "content": "Rome"}],
+            ) as stream:  # fmt: skip
+                final = await stream.get_final_message()
+    assert message.content[0].type == "text" and "hello gemini" in message.content[0].text
+    assert message.stop_reason == "end_turn"
+    (call,) = [b for b in final.content if b.type == "tool_use"]
+    assert call.name == "get_weather" and final.stop_reason == "tool_use"
