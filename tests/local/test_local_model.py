@@ -393,3 +393,27 @@ def test_the_gateway_never_imports_torch_without_a_local_connection() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+async def test_anthropic_clients_reach_a_local_model(tiny_dir: Path) -> None:
+    """Claude Code's protocol on a local model: translated both ways, streamed exactly."""
+    import anthropic
+
+    async with run_gateway(config(tiny_dir)) as gateway:
+        llm = anthropic.AsyncAnthropic(base_url=gateway.url, api_key=KEY, max_retries=0)
+        # Greedy, for identical answers (this SDK version no longer has a temperature argument).
+        greedy: Any = {"temperature": 0}
+        plain = await llm.messages.create(
+            model="tiny", max_tokens=6, messages=[{"role": "user", "content": "hi"}],
+            extra_body=greedy,
+        )  # fmt: skip
+        async with llm.messages.stream(
+            model="tiny", max_tokens=6, messages=[{"role": "user", "content": "hi"}],
+            extra_body=greedy,
+        ) as stream:  # fmt: skip
+            final = await stream.get_final_message()
+    assert plain.content[0].type == "text"
+    assert final.content[0].text == plain.content[0].text  # type: ignore[union-attr]
+    assert plain.stop_reason in ("max_tokens", "end_turn")
+    assert final.stop_reason == plain.stop_reason
+    assert final.usage.output_tokens == plain.usage.output_tokens
