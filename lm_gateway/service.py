@@ -75,6 +75,7 @@ from .strategies import StrategyProvider, guard
 from .wire.anthropic import translate_usage
 from .wire.anthropic_inbound import (
     ANTHROPIC_ERROR_TYPES,
+    PING,
     MessageStreamEncoder,
     PassthroughEncoder,
     anthropic_error_body,
@@ -245,6 +246,8 @@ class Gateway:
         self._trusted = tuple(ipaddress.ip_network(n) for n in config.trusted_proxies)
         self.handlers: list[Handler] = [self._build_handler(ref) for ref in config.before]
         self._background_done: trio.Event | None = None
+        #: Seconds without upstream data after which an Anthropic stream gets a ``ping``.
+        self.anthropic_ping_seconds = 10.0
         #: Prometheus metrics (None when ``metrics = false``).
         self.metrics = GatewayMetrics() if config.metrics else None
         self._price_tables = self._build_price_tables(config)
@@ -920,6 +923,9 @@ class Gateway:
                 upstream = await connection.open_chat_stream(call)
         finally:
             self._note_attempts(record, call)
+        if anthropic:
+            # Anthropic's clients expect ``ping`` events while a model thinks.
+            upstream = PingingStream(upstream, scope.nursery, self.anthropic_ping_seconds)
         relay = SSERelay(
             self,
             upstream,
@@ -1194,6 +1200,53 @@ class Gateway:
                 models, ttl = None, _MODEL_LIST_FAILURE_TTL
             self._model_lists[connection] = (trio.current_time() + ttl, models)
             return models
+
+
+class PingingStream:
+    """A stream read by a task of its own (in the request's nursery), so that waiting for it
+    can time out safely: :meth:`receive` returns ``[PING]`` after ``interval`` seconds without
+    data. (Timing out an upstream read itself could lose data mid-read.)
+
+    Resource handling: owns ``inner``; :meth:`aclose` stops the reader and closes it.
+    """
+
+    def __init__(self, inner: ChatStream, nursery: trio.Nursery, interval: float) -> None:
+        self.inner = inner
+        self._interval = interval
+        self._send, self._receive = trio.open_memory_channel[tuple[str, Any]](1)
+        self._scope = trio.CancelScope()
+        nursery.start_soon(self._pump)
+
+    @property
+    def partial_usage(self) -> Any:
+        return getattr(self.inner, "partial_usage", None)
+
+    async def _pump(self) -> None:
+        with self._scope:
+            try:
+                while True:
+                    batch = await self.inner.receive()
+                    await self._send.send(("batch", batch))
+                    if not batch:
+                        return
+            except GatewayError as error:
+                await self._send.send(("error", error))
+            except Exception as exc:
+                await self._send.send(
+                    ("error", InternalError("The stream failed.", detail=repr(exc)))
+                )
+
+    async def receive(self) -> list[dict[str, Any]]:
+        with trio.move_on_after(self._interval):
+            kind, value = await self._receive.receive()
+            if kind == "error":
+                raise value
+            return value  # type: ignore[no-any-return]
+        return [PING]
+
+    async def aclose(self) -> None:
+        self._scope.cancel()
+        await close_quietly(self.inner)
 
 
 class SSERelay:

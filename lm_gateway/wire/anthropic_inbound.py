@@ -342,6 +342,10 @@ def openai_to_message(body: Mapping[str, Any], model: str) -> JSONObject:
     }
 
 
+#: A marker chunk: no data arrived for a while, tell the client the stream is alive.
+PING: JSONObject = {}
+
+
 def _event(kind: str, data: JSONObject) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
@@ -402,6 +406,9 @@ class MessageStreamEncoder:
     def encode(self, chunks: list[JSONObject]) -> bytes:
         out = self._start()
         for chunk in chunks:
+            if chunk is PING:
+                out.append(_event("ping", {"type": "ping"}))
+                continue
             if isinstance(chunk.get("usage"), dict):
                 self._usage = chunk["usage"]
             for choice in chunk.get("choices") or ():

@@ -325,3 +325,34 @@ async def test_messages_to_a_gemini_connection() -> None:
     assert message.stop_reason == "end_turn"
     (call,) = [b for b in final.content if b.type == "tool_use"]
     assert call.name == "get_weather" and final.stop_reason == "tool_use"
+
+
+async def test_pings_keep_a_slow_stream_alive() -> None:
+    from tests.fakes.openai_upstream import sse_event
+    from tests.wire.test_anthropic_inbound import check, parse
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return sse_event({"id": "c", "object": "chat.completion.chunk", "created": 1,
+                          "model": "gpt-4o", "choices": [
+                              {"index": 0, "delta": delta, "finish_reason": finish}]})  # fmt: skip
+
+    async with open_fake_openai() as fake, run_gateway(config(fake)) as gateway:
+        gateway.app.gateway.anthropic_ping_seconds = 0.05
+        fake.push(Reply.sse(
+            [chunk({"role": "assistant", "content": ""}), chunk({"content": "slow"}),
+             chunk({"content": " answer"}), chunk({}, "stop")],
+            delay=0.3,
+        ))  # fmt: skip
+        async with httpx2.AsyncClient(timeout=GUARD) as http:
+            response = await http.post(
+                f"{gateway.url}/v1/messages",
+                headers={"x-api-key": KEY, "anthropic-version": "2023-06-01"},
+                json={"model": "gpt-4o", "max_tokens": 20, "stream": True,
+                      "messages": [{"role": "user", "content": "x"}]},
+            )  # fmt: skip
+    events = parse(response.content)
+    kinds = [k for k, _ in events]
+    assert kinds[0] == "message_start"
+    assert kinds.count("ping") >= 2
+    result = check([e for e in events if e[0] != "ping"])
+    assert result["blocks"][0]["text"] == "slow answer"
