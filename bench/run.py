@@ -473,10 +473,21 @@ def print_table(results: list[dict[str, Any]], concurrency: list[int]) -> None:
             f"{row.get('rss_peak_mib', 0):.0f} MiB" if "rss_peak_mib" in row else "—",
         ]
         print(f"| {row['name']} | " + " | ".join(cells) + " |")
-    base = results[0]
-    for row in results[1:]:
-        ratio = row["c64"]["rps"] / base["c64"]["rps"] if 64 in concurrency else 0
-        print(f"{row['name']}: {ratio:.2f}x the direct path's throughput at c=64")
+    ours = next((r for r in results if r["name"] == "lm-gateway"), None)
+    for other in results:
+        if ours is None or other["name"] in ("direct", "lm-gateway"):
+            continue
+        parts = []
+        if 64 in concurrency:
+            parts.append(f"{ours['c64']['rps'] / other['c64']['rps']:.2f}x the throughput at c=64")
+        cpu_ours = ours["c1"].get("cpu_us_per_request")
+        cpu_other = other["c1"].get("cpu_us_per_request")
+        if cpu_ours and cpu_other:
+            parts.append(f"{cpu_ours / cpu_other:.2f}x the CPU per request")
+        if ours.get("streams_per_s_c64") and other.get("streams_per_s_c64"):
+            ratio = ours["streams_per_s_c64"] / other["streams_per_s_c64"]
+            parts.append(f"{ratio:.2f}x the relay capacity")
+        print(f"lm-gateway vs {other['name']}: " + ", ".join(parts))
 
 
 if __name__ == "__main__":
