@@ -185,6 +185,14 @@ def setup_logging(debug: bool) -> None:
         stream=sys.stderr,
         force=True,
     )
+    # The access log (a line per request) is written a batch at a time.
+    from .observability import BatchedStreamHandler
+
+    access = logging.getLogger("lm_gateway.access")
+    handler = BatchedStreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    access.handlers[:] = [handler]
+    access.propagate = False
     # httpx logs every request at INFO; that is the access log's job.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpx2").setLevel(logging.WARNING)

@@ -11,8 +11,10 @@ worker thread, so a slow listener or a slow stderr never blocks the event loop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -115,10 +117,45 @@ class RecordSink:
                 except Exception:
                     log.exception("request listener %r failed", listener)
             self.delivered += 1
+        # A batching handler (the CLI installs one) writes the batch's lines at once.
+        for handler in log.handlers:
+            handler.flush()
 
     def close(self) -> None:
         """No more records; :meth:`serve` returns once the queue is empty."""
         self._send.close()
+
+
+class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that keeps formatted lines until :meth:`flush` (the record sink
+    flushes after each batch): one write per batch instead of one write (and one release and
+    re-acquisition of the GIL) per request. Measured: the access log cost a quarter of the
+    gateway's CPU under load with a write per line."""
+
+    def __init__(self, stream: Any = None, max_lines: int = 1000) -> None:
+        super().__init__(stream)
+        self._lines: list[str] = []
+        self._max_lines = max_lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        with self.lock or contextlib.nullcontext():
+            self._lines.append(line)
+            full = len(self._lines) >= self._max_lines
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        with self.lock or contextlib.nullcontext():
+            lines, self._lines = self._lines, []
+            if lines:
+                self.stream.write("\n".join(lines) + "\n")
+            if self.stream and hasattr(self.stream, "flush"):
+                self.stream.flush()
 
 
 def _access_log(record: RequestContext) -> None:

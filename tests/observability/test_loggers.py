@@ -461,3 +461,33 @@ def test_stream_accumulator_rebuilds_text_tools_and_usage() -> None:
     assert first["finish_reason"] == "tool_calls"
     assert second["message"]["content"] == "Other" and second["finish_reason"] is None
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 4}
+
+
+def test_the_access_log_handler_writes_a_batch_at_once() -> None:
+    import io
+    import logging
+
+    from lm_gateway.observability import BatchedStreamHandler
+
+    class CountingStream(io.StringIO):
+        writes = 0
+
+        def write(self, text: str) -> int:
+            self.writes += 1
+            return super().write(text)
+
+    stream = CountingStream()
+    handler = BatchedStreamHandler(stream, max_lines=3)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("test.batched")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    logger.info("one")
+    logger.info("two")
+    assert stream.getvalue() == ""  # kept until the batch ends
+    handler.flush()
+    assert stream.getvalue() == "one\ntwo\n" and stream.writes == 1
+    for word in ("a", "b", "c"):  # max_lines reached: written without waiting
+        logger.info(word)
+    assert stream.getvalue().endswith("a\nb\nc\n") and stream.writes == 2
