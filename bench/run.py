@@ -245,7 +245,8 @@ def stream_timings(port: int, path: str, headers: dict[str, str], count: int) ->
 # -- servers under test -----------------------------------------------------------------------
 
 
-def gateway_config(upstream: int, port: int, *, extra: str = "") -> str:
+def gateway_config(upstream: int, port: int, *, extra: str = "", keys: int = 0) -> str:
+    more = "".join(f', "sk-other-{i:06d}"' for i in range(keys))
     return f"""
 host = "127.0.0.1"
 port = {port}
@@ -256,8 +257,51 @@ api_key = "sk-mock"
 [routing]
 "*" = "mock.*"
 [groups.default]
-api_keys = ["{KEY}"]
+api_keys = ["{KEY}"{more}]
 """
+
+
+#: lm-gateway's own scenarios (``--scenarios``): top-level config added, or a number of keys.
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "metrics off": {"extra": "metrics = false"},
+    "10,000 keys": {"keys": 10_000},
+    "rate limiter": {"extra": 'before = [{ class = "RateLimiter", max_requests = 1000000000 }]'},
+    "JSONL logging": {"extra": "LOGGER"},
+}
+
+
+def scenario_runs(up: int, work: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """lm-gateway under each scenario at concurrency 64: requests/s and CPU per request."""
+    rows = []
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for name, settings in SCENARIOS.items():
+        extra = settings.get("extra", "")
+        if extra == "LOGGER":
+            log_file = work / "requests.jsonl"
+            extra = (
+                '[[loggers]]\nclass = "BaseLogger"\n'
+                f'log_writer = {{ class = "JsonLogWriter", file_name = "{log_file}" }}'
+            )
+        port = free_port()
+        config = work / f"scenario-{port}.toml"
+        text = gateway_config(up, port, keys=settings.get("keys", 0))
+        if extra.startswith("[[loggers]]"):
+            text += "\n" + extra + "\n"
+        else:
+            text = extra + "\n" + text
+        config.write_text(text)
+        argv = [sys.executable, "-m", "lm_gateway", "serve", "--config", str(config)]
+        with process(argv, core=SERVER_CORE, env={"LM_GATEWAY_ENV": ""}) as proc:
+            wait_listening(port)
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            wrk(url, BODY, 16, 2, headers)
+            before = cpu_seconds(proc.pid)
+            run = wrk(url, BODY, 64, args.seconds, headers)
+            cpu = (cpu_seconds(proc.pid) - before) / max(run["requests"], 1) * 1e6
+        rows.append({"scenario": name, "rps": run["rps"], "cpu_us": cpu, "errors": run["errors"]})
+        print(f"| {name} | {run['rps']:,.0f} | {cpu:,.0f} µs | {run['errors']:.0f} |", flush=True)
+    return rows
 
 
 @contextlib.contextmanager
@@ -370,6 +414,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--streams", type=int, default=100, help="streams timed at c=1")
     parser.add_argument("--check-mock", action="store_true", help="only measure the mock")
+    parser.add_argument(
+        "--scenarios", action="store_true", help="only lm-gateway's scenarios (keys, limiter...)"
+    )
     args = parser.parse_args()
     for tool in ("wrk", "taskset", "gcc"):
         if shutil.which(tool) is None:
@@ -388,6 +435,13 @@ def main() -> int:
         ):
             wait_listening(up)
             wait_listening(stream_up)
+            if args.scenarios:
+                print("| scenario (c=64) | req/s | CPU/req | non-2xx |\n|---|---|---|---|")
+                rows = scenario_runs(up, work, args)
+                out = HERE / "results" / f"scenarios-{dt.datetime.now(dt.UTC):%Y-%m-%dT%H%M}.json"
+                out.parent.mkdir(exist_ok=True)
+                out.write_text(json.dumps({"machine": machine(), "scenarios": rows}, indent=2))
+                return 0
             direct = measure("direct", up, None, args, None)
             direct.update(stream_timings(stream_up, "/v1/chat/completions", {}, args.streams))
             results.append(direct)
