@@ -68,7 +68,7 @@ from .observability import RecordSink
 from .observability.cost import DEFAULT_PRICES, Price, PriceTable
 from .observability.loggers import BaseLogger, CallableLogger, LoggerRunner, logger_name
 from .observability.metrics import GatewayMetrics
-from .providers import ChatCall, ChatStream, Connection, build_connection, close_quietly
+from .providers import ChatCall, ChatResult, ChatStream, Connection, build_connection, close_quietly
 from .providers.fanout import fan_out_chat, fan_out_stream, has_native_n
 from .routing import Route, Router, allowed_model, is_pattern
 from .strategies import StrategyProvider, guard
@@ -752,63 +752,26 @@ class Gateway:
             )
         if not isinstance(data.get("messages"), list):
             raise InvalidRequest("messages: Field required", param="messages")
-        record.request = data
-        record.model = model = data["model"]
-        route = self.router.resolve(model)
-        record.connection = route.connection
-        record.upstream_model = route.upstream_model
-        self._authorize(group, route)
-        if self.handlers:
-            await self._run_handlers(record, group)
-            data = self._after_handlers(record, group)
-        connection: Any = self.connections[str(record.connection)]
-        stream = bool(data.get("stream"))
-        record.stream = stream
-        data["model"] = record.upstream_model
-        call = ChatCall(
-            body=data,
-            client_model=model,
-            stream=stream,
-            deadline=trio.current_time() + self.config.request_timeout_seconds,
-            request_id=record.id,
-            nursery=scope.nursery,
-            headers=dict(record.upstream_headers),
-            connections=self.connections,
-            client_headers=request.headers,
-        )
-        record.internal["upstream_started"] = True
-        record.internal["upstream_t0"] = time.perf_counter()
-        if not stream:
-            try:
-                result = await connection.messages_passthrough(call)
-            finally:
-                record.internal["upstream_t1"] = time.perf_counter()
-                self._note_attempts(record, call)
+        connection, call = await self._prepare(record, group, request, scope, data)
+        if not call.stream:
+            result = await self._upstream(record, call, connection.messages_passthrough)
             record.mark_first_chunk()
             body = result.body
-            body["model"] = model
+            body["model"] = call.client_model
             record.response = body
             record.usage = translate_usage(body.get("usage"))
             if isinstance(body.get("stop_reason"), str):
                 record.finish_reasons = [body["stop_reason"]]
-            reply = self._ok_reply(record, body)
-            reply.headers.update(result.headers)
-            return reply
-        try:
-            upstream = await connection.open_messages_stream(call)
-        finally:
-            self._note_attempts(record, call)
-        relay = SSERelay(
-            self, upstream, record, model, strip_usage=False, encoder=PassthroughEncoder(model)
+            return self._reply_with(record, result, body)
+        upstream = await self._upstream(
+            record, call, connection.open_messages_stream, answered=False
         )
-        scope.add_closer(relay.aclose)
-        try:
-            await relay.prefetch()
-        finally:
-            record.internal["upstream_t1"] = relay.first_chunk_at or time.perf_counter()
-        return StreamReply(
-            relay,
-            headers={**record.response_headers, **SSE_HEADERS, "x-request-id": record.id},
+        return await self._stream_reply(
+            record,
+            scope,
+            upstream,
+            strip_usage=False,
+            encoder=PassthroughEncoder(call.client_model),
         )
 
     async def count_tokens(
@@ -831,15 +794,8 @@ class Gateway:
             serves = getattr(connection, "serves", None)
             if callable(serves) and serves("count_tokens"):
                 # An Anthropic connection counts exactly.
-                call = ChatCall(
-                    body={**body, "model": route.upstream_model},
-                    client_model=model,
-                    stream=False,
-                    deadline=trio.current_time() + self.config.request_timeout_seconds,
-                    request_id=record.id,
-                    nursery=scope.nursery,
-                    connections=self.connections,
-                    client_headers=request.headers,
+                call = self._new_call(
+                    record, request, scope, {**body, "model": route.upstream_model}, stream=False
                 )
                 result = await connection.count_tokens(call)
                 return self._ok_reply(record, result.body)
@@ -861,87 +817,38 @@ class Gateway:
         """One chat completion, answered in OpenAI's format or (``anthropic``) as a Messages
         answer."""
         validate_chat_request(data)
-        record.request = data
-        record.model = model = data["model"]
-        route = self.router.resolve(model)
-        record.connection = route.connection
-        record.upstream_model = route.upstream_model
-        self._authorize(group, route)
-        if self.handlers:
-            await self._run_handlers(record, group)
-            data = self._after_handlers(record, group)
-        stream = bool(data.get("stream"))
-        record.stream = stream
-        connection = self.connections[str(record.connection)]
-        client_wants_usage = wants_stream_usage(data)
-        data["model"] = record.upstream_model
-        call = ChatCall(
-            body=data,
-            client_model=model,
-            stream=stream,
-            deadline=trio.current_time() + self.config.request_timeout_seconds,
-            request_id=record.id,
-            nursery=scope.nursery,
-            headers=dict(record.upstream_headers),
-            connections=self.connections,
-            client_headers=request.headers,
-        )
-        n = data.get("n") or 1
+        connection, call = await self._prepare(record, group, request, scope, data)
+        client_wants_usage = wants_stream_usage(call.body)
+        n = call.body.get("n") or 1
         fan_out = n > 1 and not has_native_n(connection)
-        # From here on the upstream may spend tokens (accounting needs to know).
-        record.internal["upstream_started"] = True
-        record.internal["upstream_t0"] = time.perf_counter()
-        if not stream:
-            try:
-                if fan_out:
-                    result = await fan_out_chat(connection, call, n)
-                else:
-                    result = await connection.chat(call)
-            finally:
-                # Answered or failed: the upstream's part of the time ends here.
-                record.internal["upstream_t1"] = time.perf_counter()
-                self._note_attempts(record, call)
-            record.mark_first_chunk()
-            body = result.body
-            body["model"] = model
+        if not call.stream:
+            result = await self._upstream(
+                record,
+                call,
+                (lambda c: fan_out_chat(connection, c, n)) if fan_out else connection.chat,
+            )
+            body = self._answered(record, result)
             record.response = body
-            usage = body.get("usage")
-            record.usage = usage if isinstance(usage, dict) else None
-            record.finish_reasons = [
-                c["finish_reason"]
-                for c in body.get("choices") or []
-                if isinstance(c, dict) and isinstance(c.get("finish_reason"), str)
-            ]
-            answer = openai_to_message(body, model) if anthropic else body
-            reply = self._ok_reply(record, answer)
-            reply.headers.update(result.headers)
-            return reply
-        try:
-            if fan_out:
-                upstream = await fan_out_stream(connection, call, n)
-            else:
-                upstream = await connection.open_chat_stream(call)
-        finally:
-            self._note_attempts(record, call)
+            return self._reply_with(
+                record, result, openai_to_message(body, call.client_model) if anthropic else body
+            )
+        upstream = await self._upstream(
+            record,
+            call,
+            (lambda c: fan_out_stream(connection, c, n))
+            if fan_out
+            else connection.open_chat_stream,
+            answered=False,
+        )
         if anthropic:
             # Anthropic's clients expect ``ping`` events while a model thinks.
             upstream = PingingStream(upstream, scope.nursery, self.anthropic_ping_seconds)
-        relay = SSERelay(
-            self,
-            upstream,
+        return await self._stream_reply(
             record,
-            model,
+            scope,
+            upstream,
             strip_usage=call.usage_requested_by_gateway and not client_wants_usage,
-            encoder=MessageStreamEncoder(model) if anthropic else None,
-        )
-        scope.add_closer(relay.aclose)
-        try:
-            await relay.prefetch()
-        finally:
-            record.internal["upstream_t1"] = relay.first_chunk_at or time.perf_counter()
-        return StreamReply(
-            relay,
-            headers={**record.response_headers, **SSE_HEADERS, "x-request-id": record.id},
+            encoder=MessageStreamEncoder(call.client_model) if anthropic else None,
         )
 
     async def embeddings(
@@ -993,6 +900,52 @@ class Gateway:
         cannot serve the endpoint answer 400 ``unsupported_endpoint``."""
         data = parse_json_object(request.body)
         validate(data)
+        connection, call = await self._prepare(
+            record, group, request, scope, data, streamable=method == "completions"
+        )
+        serves = getattr(connection, "serves", None)
+        if not callable(serves) or not serves(method):
+            raise NotSupported(
+                f"The connection {record.connection!r} cannot serve {method}.",
+                param="model",
+                code="unsupported_endpoint",
+            )
+        client_wants_usage = wants_stream_usage(call.body)
+        if call.stream:
+            # Optional in the Connection protocol: serves() checked it above.
+            upstream = await self._upstream(
+                record, call, connection.open_completions_stream, answered=False
+            )
+            return await self._stream_reply(
+                record,
+                scope,
+                upstream,
+                strip_usage=call.usage_requested_by_gateway and not client_wants_usage,
+            )
+        result = await self._upstream(record, call, getattr(connection, method))
+        body = self._answered(record, result)
+        record.response = {"usage": record.usage} if method == "embeddings" else body
+        return self._reply_with(record, result, body)
+
+    # -- the steps every upstream-bound endpoint shares --------------------------------------
+
+    async def _prepare(
+        self,
+        record: RequestContext,
+        group: Group,
+        request: IncomingRequest,
+        scope: RequestScope,
+        data: dict[str, Any],
+        *,
+        streamable: bool = True,
+    ) -> tuple[Any, ChatCall]:
+        """Route ``data``'s model, authorise it for ``group``, run the before-handlers, and
+        build the call (the body with the routed model). Returns the routed connection (typed
+        loosely: endpoints use its optional methods after checking ``serves``) and the call.
+
+        Raises:
+            GatewayError: not routable (404), not allowed (403), refused by a handler.
+        """
         record.request = data
         record.model = model = data["model"]
         route = self.router.resolve(model)
@@ -1002,21 +955,23 @@ class Gateway:
         if self.handlers:
             await self._run_handlers(record, group)
             data = self._after_handlers(record, group)
-        connection = self.connections[str(record.connection)]
-        serves = getattr(connection, "serves", None)
-        if not callable(serves) or not serves(method):
-            raise NotSupported(
-                f"The connection {record.connection!r} cannot serve {method}.",
-                param="model",
-                code="unsupported_endpoint",
-            )
-        stream = bool(data.get("stream")) and method == "completions"
-        record.stream = stream
-        client_wants_usage = wants_stream_usage(data)
+        record.stream = streamable and bool(data.get("stream"))
         data["model"] = record.upstream_model
-        call = ChatCall(
-            body=data,
-            client_model=model,
+        call = self._new_call(record, request, scope, data, stream=record.stream)
+        return self.connections[str(record.connection)], call
+
+    def _new_call(
+        self,
+        record: RequestContext,
+        request: IncomingRequest,
+        scope: RequestScope,
+        body: dict[str, Any],
+        *,
+        stream: bool,
+    ) -> ChatCall:
+        return ChatCall(
+            body=body,
+            client_model=str(record.model),
             stream=stream,
             deadline=trio.current_time() + self.config.request_timeout_seconds,
             request_id=record.id,
@@ -1025,49 +980,71 @@ class Gateway:
             connections=self.connections,
             client_headers=request.headers,
         )
+
+    async def _upstream(
+        self,
+        record: RequestContext,
+        call: ChatCall,
+        op: Callable[[ChatCall], Awaitable[Any]],
+        *,
+        answered: bool = True,
+    ) -> Any:
+        """``await op(call)``, with the bookkeeping around it: from here on the upstream may
+        spend tokens (accounting needs to know), the upstream's share of the time starts (and,
+        for whole answers, ends when it returns or fails), and the attempts are noted whatever
+        happens."""
         record.internal["upstream_started"] = True
         record.internal["upstream_t0"] = time.perf_counter()
-        if stream:
-            try:
-                # Optional in the Connection protocol: serves() checked it above.
-                upstream = await getattr(connection, "open_completions_stream")(call)  # noqa: B009
-            finally:
-                self._note_attempts(record, call)
-            relay = SSERelay(
-                self,
-                upstream,
-                record,
-                model,
-                strip_usage=call.usage_requested_by_gateway and not client_wants_usage,
-            )
-            scope.add_closer(relay.aclose)
-            try:
-                await relay.prefetch()
-            finally:
-                record.internal["upstream_t1"] = relay.first_chunk_at or time.perf_counter()
-            return StreamReply(
-                relay,
-                headers={**record.response_headers, **SSE_HEADERS, "x-request-id": record.id},
-            )
         try:
-            result = await getattr(connection, method)(call)
+            return await op(call)
         finally:
-            record.internal["upstream_t1"] = time.perf_counter()
+            if answered:
+                record.internal["upstream_t1"] = time.perf_counter()
             self._note_attempts(record, call)
+
+    @staticmethod
+    def _answered(record: RequestContext, result: ChatResult) -> dict[str, Any]:
+        """An OpenAI-shaped answer, accounted: the client's model name, usage, finish reasons."""
         record.mark_first_chunk()
         body = result.body
-        body["model"] = model
+        body["model"] = record.model
         usage = body.get("usage")
         record.usage = usage if isinstance(usage, dict) else None
-        record.response = {"usage": record.usage} if method == "embeddings" else body
         record.finish_reasons = [
             c["finish_reason"]
             for c in body.get("choices") or []
             if isinstance(c, dict) and isinstance(c.get("finish_reason"), str)
         ]
-        reply = self._ok_reply(record, body)
+        return body
+
+    def _reply_with(self, record: RequestContext, result: ChatResult, answer: Any) -> Reply:
+        reply = self._ok_reply(record, answer)
         reply.headers.update(result.headers)
         return reply
+
+    async def _stream_reply(
+        self,
+        record: RequestContext,
+        scope: RequestScope,
+        upstream: ChatStream,
+        *,
+        strip_usage: bool,
+        encoder: MessageStreamEncoder | PassthroughEncoder | None = None,
+    ) -> StreamReply:
+        """The SSE answer: a relay owned by the request scope, which has read up to the first
+        chunk (so an upstream refusal is still answered with its status)."""
+        relay = SSERelay(
+            self, upstream, record, str(record.model), strip_usage=strip_usage, encoder=encoder
+        )
+        scope.add_closer(relay.aclose)
+        try:
+            await relay.prefetch()
+        finally:
+            record.internal["upstream_t1"] = relay.first_chunk_at or time.perf_counter()
+        return StreamReply(
+            relay,
+            headers={**record.response_headers, **SSE_HEADERS, "x-request-id": record.id},
+        )
 
     async def list_models(self, request: IncomingRequest) -> Reply | StreamReply:
         """Serve ``GET {prefix}/models``: the models the caller's group may use."""

@@ -19,6 +19,7 @@ from typing import Any
 import trio
 
 from ..context import Outcome, RequestContext
+from .queues import drain
 
 log = logging.getLogger("lm_gateway.access")
 
@@ -76,24 +77,12 @@ class RecordSink:
                 # Collect for a moment: one thread hop per batch instead of per request. Taken
                 # with receive_nowait: an awaited receive() per record is a checkpoint each,
                 # and under load every checkpoint waits a whole scheduling round.
-                if not self._drain(batch):
+                if not drain(self._receive, batch, self.batch_size):
                     await trio.sleep(self.flush_seconds)
-                    self._drain(batch)
+                    drain(self._receive, batch, self.batch_size)
                 if self.async_listeners:
                     await self._deliver_async(batch)
                 await trio.to_thread.run_sync(self._deliver, batch)
-
-    def _drain(self, batch: list[RequestContext]) -> bool:
-        """Move queued records into ``batch`` without waiting; True when it is full or the
-        queue has ended."""
-        while len(batch) < self.batch_size:
-            try:
-                batch.append(self._receive.receive_nowait())
-            except trio.WouldBlock:
-                return False
-            except trio.EndOfChannel:
-                return True
-        return True
 
     async def _deliver_async(self, batch: list[RequestContext]) -> None:
         with trio.move_on_after(self.async_deadline_seconds) as scope:

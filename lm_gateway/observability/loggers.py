@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import trio
 
 from ..context import RequestContext
+from .queues import drain
 
 log = logging.getLogger("lm_gateway.loggers")
 
@@ -321,10 +322,10 @@ class LoggerRunner:
                     # Taken with receive_nowait: each awaited receive() is a checkpoint, and
                     # under load a checkpoint waits a whole scheduling round (that capped
                     # delivery near 400 entries/s while 1,600 requests/s arrived).
-                    if not _drain(self._receive, batch, logger.batch_size):
+                    if not drain(self._receive, batch, logger.batch_size):
                         self._in_hand = len(batch)  # counted if the shutdown cuts the wait
                         await trio.sleep(self.collect_seconds)
-                        _drain(self._receive, batch, logger.batch_size)
+                        drain(self._receive, batch, logger.batch_size)
                     self._in_hand = len(batch)
                     await self._deliver(batch)
                     self._in_hand = 0
@@ -389,21 +390,6 @@ class LoggerRunner:
             except Exception:
                 log.exception("logger %s failed on request %s", self.name, ctx.id)
                 self._dropped(1, "it raised")
-
-
-def _drain(
-    channel: trio.MemoryReceiveChannel[RequestContext], batch: list[RequestContext], limit: int
-) -> bool:
-    """Move what ``channel`` holds into ``batch``, up to ``limit`` items, without waiting.
-    True when the batch is full or the channel has ended."""
-    while len(batch) < limit:
-        try:
-            batch.append(channel.receive_nowait())
-        except trio.WouldBlock:
-            return False
-        except trio.EndOfChannel:
-            return True
-    return True
 
 
 def logger_name(obj: Any, index: int) -> str:

@@ -86,28 +86,23 @@ class AnthropicProvider:
             headers["anthropic-version"] = version
         return dumps(call.body), headers
 
-    async def messages_passthrough(self, call: ChatCall) -> ChatResult:
+    async def _post_passthrough(self, url: str, call: ChatCall) -> ChatResult:
         content, headers = self._passthrough(call)
         body = await self._http.request_json(
             "POST",
-            self._messages_url,
+            url,
             content=content,
             headers=headers,
             deadline=self._http.deadline(call.deadline),
         )
         return ChatResult(body=body)
 
+    async def messages_passthrough(self, call: ChatCall) -> ChatResult:
+        return await self._post_passthrough(self._messages_url, call)
+
     async def count_tokens(self, call: ChatCall) -> ChatResult:
         """Anthropic's own ``count_tokens`` (exact, free of charge)."""
-        content, headers = self._passthrough(call)
-        body = await self._http.request_json(
-            "POST",
-            f"{self._messages_url}/count_tokens",
-            content=content,
-            headers=headers,
-            deadline=self._http.deadline(call.deadline),
-        )
-        return ChatResult(body=body)
+        return await self._post_passthrough(f"{self._messages_url}/count_tokens", call)
 
     async def open_messages_stream(self, call: ChatCall) -> ChatStream:
         content, headers = self._passthrough(call)

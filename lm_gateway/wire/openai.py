@@ -191,15 +191,7 @@ def validate_chat_request(data: Mapping[str, Any]) -> None:
     Raises:
         InvalidRequest: a required field is missing or a known field has the wrong type.
     """
-    model = data.get("model")
-    if model is None:
-        raise InvalidRequest(
-            "Missing required parameter: 'model'.", param="model", code="missing_required_parameter"
-        )
-    if not isinstance(model, str):
-        raise _type_error("model", "a string", model)
-    if not model.strip():
-        raise InvalidRequest("'model' must not be empty.", param="model", code="invalid_value")
+    _validate_model(data)
     messages = data.get("messages")
     if messages is None:
         raise InvalidRequest(
