@@ -16,7 +16,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
 import attrs
@@ -236,62 +236,46 @@ def blueprint(
             )
         return scope
 
-    @bp.post(f"{prefix}/chat/completions")
-    async def chat_completions() -> Response:
+    Endpoint = Callable[[IncomingRequest, RequestScope], Awaitable[Reply | StreamReply]]
+
+    async def answer(endpoint: Endpoint, *, anthropic: bool = False) -> Response:
+        """Serve the current request with ``endpoint``; a failure before the service took
+        over (an oversized or unreadable body) in the endpoint's error shape."""
         try:
-            req = await incoming()
-            reply = await gateway.chat_completions(req, request_scope())
+            reply = await endpoint(await incoming(), request_scope())
         except GatewayError as error:
+            if anthropic:
+                return _to_response(anthropic_errors(_error_reply(error, debug)))
             return _error_response(error, debug)
         return _to_response(reply)
+
+    @bp.post(f"{prefix}/chat/completions")
+    async def chat_completions() -> Response:
+        return await answer(gateway.chat_completions)
 
     @bp.post(f"{prefix}/messages")
     async def messages() -> Response:
-        try:
-            reply = await gateway.messages(await incoming(), request_scope())
-        except GatewayError as error:
-            return _to_response(anthropic_errors(_error_reply(error, debug)))
-        return _to_response(reply)
+        return await answer(gateway.messages, anthropic=True)
 
     @bp.post(f"{prefix}/messages/count_tokens")
     async def count_tokens() -> Response:
-        try:
-            reply = await gateway.count_tokens(await incoming(), request_scope())
-        except GatewayError as error:
-            return _to_response(anthropic_errors(_error_reply(error, debug)))
-        return _to_response(reply)
+        return await answer(gateway.count_tokens, anthropic=True)
 
     @bp.post(f"{prefix}/embeddings")
     async def embeddings() -> Response:
-        try:
-            reply = await gateway.embeddings(await incoming(), request_scope())
-        except GatewayError as error:
-            return _error_response(error, debug)
-        return _to_response(reply)
+        return await answer(gateway.embeddings)
 
     @bp.post(f"{prefix}/completions")
     async def completions() -> Response:
-        try:
-            reply = await gateway.completions(await incoming(), request_scope())
-        except GatewayError as error:
-            return _error_response(error, debug)
-        return _to_response(reply)
+        return await answer(gateway.completions)
 
     @bp.get(f"{prefix}/models")
     async def list_models() -> Response:
-        try:
-            reply = await gateway.list_models(await incoming())
-        except GatewayError as error:
-            return _error_response(error, debug)
-        return _to_response(reply)
+        return await answer(lambda req, _scope: gateway.list_models(req))
 
     @bp.get(f"{prefix}/models/<path:model_id>")
     async def retrieve_model(model_id: str) -> Response:
-        try:
-            reply = await gateway.retrieve_model(await incoming(), model_id)
-        except GatewayError as error:
-            return _error_response(error, debug)
-        return _to_response(reply)
+        return await answer(lambda req, _scope: gateway.retrieve_model(req, model_id))
 
     @bp.get("/health")
     async def health() -> Response:
