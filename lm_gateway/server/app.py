@@ -47,6 +47,7 @@ from ..service import (
     anthropic_errors,
     open_request_scope,
 )
+from .fast import FastRoutes
 
 log = logging.getLogger("lm_gateway")
 
@@ -320,10 +321,38 @@ def blueprint(
 
 
 class GatewayApp(QuartTrio):
-    """The QuartTrio app :func:`create_app` returns; ``app.gateway`` is its :class:`Gateway`."""
+    """The QuartTrio app :func:`create_app` returns; ``app.gateway`` is its :class:`Gateway`.
+
+    The gateway's API routes are served by :class:`~lm_gateway.server.fast.FastRoutes` straight
+    from ASGI, unless the app has request hooks (which only Quart's path runs); everything else
+    goes through Quart. Middleware wrapping ``app.asgi_app`` still sees every request.
+    """
 
     asgi_http_class = GatewayHTTPConnection
     gateway: Gateway
+    #: Built on the first HTTP request, when the app's hooks are settled; False: all via Quart.
+    _fast_routes: FastRoutes | bool | None = None
+
+    def _has_request_hooks(self) -> bool:
+        hooks = (self.before_request_funcs, self.after_request_funcs, self.teardown_request_funcs)
+        return any(funcs for table in hooks for funcs in table.values())
+
+    async def asgi_app(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            fast = self._fast_routes
+            if fast is None:
+                fast = self._fast_routes = (
+                    False
+                    if self._has_request_hooks()
+                    else FastRoutes(self.gateway, body_timeout_seconds=self.config["BODY_TIMEOUT"])
+                )
+            if fast is not False:
+                assert isinstance(fast, FastRoutes)
+                route = fast.match(scope)
+                if route is not None:
+                    await fast.serve(route, scope, receive, send)
+                    return
+        await super().asgi_app(scope, receive, send)
 
 
 ConfigSource = Config | Gateway | str | os.PathLike[str] | Mapping[str, Any] | None

@@ -15,6 +15,7 @@ import openai
 import pytest
 import trio
 
+from lm_gateway.server.fast import FastRoutes
 from tests.conftest import RunningGateway, run_gateway
 from tests.fakes.openai_upstream import FakeOpenAI, Reply, open_fake_openai, sse_event
 
@@ -89,6 +90,7 @@ async def test_client_leaving_while_upstream_thinks_closes_upstream(
     assert request.connection_id in fake.closed_by_client
     assert record.stream is stream
     assert record.status == 499
+    assert isinstance(gateway.app._fast_routes, FastRoutes)  # create_app's fast path served it
     assert fake.active_replies == 0
 
 
