@@ -110,7 +110,7 @@ class HTTPConnection:
     #: Deadline for the whole upstream exchange; None uses the gateway's request deadline.
     request_timeout_seconds: float | None = None
     max_connections: int = 100
-    max_keepalive_connections: int = 20
+    max_keepalive_connections: int = 100
     keepalive_expiry_seconds: float = 30.0
     http2: bool = False
     #: True (system trust store), False (no verification; for lab setups), or a CA bundle path.

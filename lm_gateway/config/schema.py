@@ -578,7 +578,7 @@ def _http_fields(
         "write_timeout_seconds": t.seconds("write_timeout_seconds", 60.0),
         "request_timeout_seconds": request_timeout,
         "max_connections": t.integer("max_connections", 100, minimum=1),
-        "max_keepalive_connections": t.integer("max_keepalive_connections", 20, minimum=0),
+        "max_keepalive_connections": t.integer("max_keepalive_connections", 100, minimum=0),
         "keepalive_expiry_seconds": t.seconds("keepalive_expiry_seconds", 30.0, positive=False),
         "http2": t.boolean("http2", False),
         "verify_ssl": verify,

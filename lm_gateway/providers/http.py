@@ -10,7 +10,8 @@ same whatever the upstream speaks.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import os
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Protocol
 
 import httpx2
@@ -21,6 +22,15 @@ from ..config.model import HTTPConnection
 from ..errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
 from ..wire.sse import SSEDecoder, SSEEvent
 from .base import JSONObject
+from .http1 import (
+    ConnectFailed,
+    ConnectTimedOut,
+    HTTP1Client,
+    PoolTimedOut,
+    ReadTimedOut,
+    TransportError,
+    WriteTimedOut,
+)
 
 #: Upstream headers relayed to the client with an error answer: they tell its SDK when to retry.
 _RELAYED_ERROR_HEADERS = ("retry-after", "retry-after-ms")
@@ -31,7 +41,75 @@ ERROR_BODY_LIMIT = 64 * 1024
 ErrorMapper = Callable[[str, int, bytes, dict[str, str]], UpstreamError]
 
 
-def relayed_error_headers(headers: httpx2.Headers) -> dict[str, str]:
+#: Environment variables through which httpx2 would route requests via a proxy.
+_PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy")
+
+
+class Headers(Protocol):
+    """Response headers: what both clients' header objects offer."""
+
+    def get(self, name: str, /) -> str | None: ...
+
+    def items(self) -> Iterable[tuple[str, str]]: ...
+
+
+class UpstreamResponse(Protocol):
+    """An answer whose head arrived; the body is read on demand."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> Headers: ...
+
+    @property
+    def is_closed(self) -> bool: ...
+
+    async def read_some(self) -> bytes: ...
+
+    async def read(self, limit: int | None = None) -> bytes: ...
+
+    async def aclose(self) -> None: ...
+
+
+class _HTTPXResponse:
+    """An httpx2 streaming response seen as an :class:`UpstreamResponse`."""
+
+    def __init__(self, response: httpx2.Response) -> None:
+        self._response = response
+        self.status_code = response.status_code
+        self.headers: Headers = response.headers
+        self._parts: AsyncIterator[bytes] = response.aiter_bytes()
+
+    @property
+    def is_closed(self) -> bool:
+        return self._response.is_closed
+
+    async def read_some(self) -> bytes:
+        try:
+            return await self._parts.__anext__()
+        except StopAsyncIteration:
+            return b""
+
+    async def read(self, limit: int | None = None) -> bytes:
+        parts: list[bytes] = []
+        size = 0
+        while part := await self.read_some():
+            parts.append(part)
+            size += len(part)
+            if limit is not None and size >= limit:
+                break
+        return b"".join(parts)
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+def _proxy_configured(environ: os._Environ[str] | dict[str, str]) -> bool:
+    return any(environ.get(name) or environ.get(name.upper()) for name in _PROXY_VARIABLES)
+
+
+def relayed_error_headers(headers: Headers) -> dict[str, str]:
     """The upstream error headers worth passing on (``Retry-After``, rate-limit headers)."""
     out = {}
     for name, value in headers.items():
@@ -42,12 +120,44 @@ def relayed_error_headers(headers: httpx2.Headers) -> dict[str, str]:
 
 
 def translate_transport_error(exc: BaseException, connection: str, *, during: str) -> UpstreamError:
-    """Map an httpx or trio timeout exception to our error, for ``raise ... from exc``."""
+    """Map a transport (ours or httpx's) or trio timeout exception to our error, for
+    ``raise ... from exc``."""
     where = f"connection {connection!r}"
     if isinstance(exc, trio.TooSlowError):
         return UpstreamTimeout(
             f"The upstream provider did not finish in time ({where}, {during}).",
             detail="request deadline passed",
+            connection=connection,
+        )
+    if isinstance(exc, TransportError):
+        detail = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, PoolTimedOut):
+            return UpstreamTimeout(
+                f"No upstream connection became free in time ({where}).",
+                detail=detail,
+                connection=connection,
+            )
+        if isinstance(exc, ConnectTimedOut):
+            return UpstreamTimeout(
+                f"The upstream provider timed out ({where}, connecting).",
+                detail=detail,
+                connection=connection,
+            )
+        if isinstance(exc, ConnectFailed):
+            return UpstreamUnreachable(
+                f"The upstream provider is unreachable ({where}).",
+                detail=detail,
+                connection=connection,
+            )
+        if isinstance(exc, ReadTimedOut | WriteTimedOut):
+            return UpstreamTimeout(
+                f"The upstream provider timed out ({where}, {during}).",
+                detail=detail,
+                connection=connection,
+            )
+        return UpstreamUnreachable(
+            f"The connection to the upstream provider failed ({where}, {during}).",
+            detail=detail,
             connection=connection,
         )
     if isinstance(exc, httpx2.PoolTimeout):
@@ -102,13 +212,18 @@ class StreamTranslator(Protocol):
 
 
 class HTTPUpstream:
-    """One pooled ``httpx2.AsyncClient`` configured from an :class:`HTTPConnection`.
+    """The pooled HTTP client of one :class:`HTTPConnection`, and the calls every provider makes.
+
+    The client is :class:`~lm_gateway.providers.http1.HTTP1Client` (lean HTTP/1.1), unless the
+    connection needs what only httpx2 offers: ``http2 = true``, a proxy from the environment
+    (``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``), or an injected ``transport``.
 
     Args:
         config: the connection's settings.
         headers: headers for every request (auth, content type, static extras).
         error_mapper: ``(connection, status, body, relayed_headers) -> UpstreamError``.
         transport: an httpx transport to use instead of the network (tests, embedding).
+        environ: where proxy variables are looked up (default ``os.environ``).
     """
 
     def __init__(
@@ -118,10 +233,31 @@ class HTTPUpstream:
         error_mapper: ErrorMapper,
         *,
         transport: httpx2.AsyncBaseTransport | None = None,
+        environ: dict[str, str] | None = None,
     ) -> None:
         self.name = config.name
         self.config = config
         self.error_mapper = error_mapper
+        self.client: HTTP1Client | httpx2.AsyncClient
+        lean = (
+            transport is None
+            and not config.http2
+            and not _proxy_configured(os.environ if environ is None else environ)
+        )
+        if lean:
+            verify = config.verify_ssl
+            self.client = HTTP1Client(
+                headers=headers,
+                connect_timeout=config.connect_timeout_seconds,
+                read_timeout=config.read_timeout_seconds,
+                write_timeout=config.write_timeout_seconds,
+                pool_timeout=config.connect_timeout_seconds,
+                max_connections=config.max_connections,
+                max_keepalive=config.max_keepalive_connections,
+                keepalive_expiry=config.keepalive_expiry_seconds,
+                ssl_context=lambda: httpx2.create_ssl_context(verify=verify),
+            )
+            return
         self.client = httpx2.AsyncClient(
             headers=headers,
             timeout=httpx2.Timeout(
@@ -147,6 +283,20 @@ class HTTPUpstream:
             return call_deadline
         return min(call_deadline, trio.current_time() + self.config.request_timeout_seconds)
 
+    async def _send(
+        self, method: str, url: str, content: bytes | None, headers: dict[str, str] | None
+    ) -> UpstreamResponse:
+        """Send and return once the answer's head arrived (the caller closes it).
+
+        Raises:
+            TransportError | httpx2.HTTPError: the exchange failed.
+        """
+        client = self.client
+        if isinstance(client, HTTP1Client):
+            return await client.send(method, url, headers=headers, content=content)
+        request = client.build_request(method, url, content=content, headers=headers or None)
+        return _HTTPXResponse(await client.send(request, stream=True))
+
     async def request_json(
         self,
         method: str,
@@ -165,32 +315,37 @@ class HTTPUpstream:
         """
         try:
             with trio.fail_at(deadline):
-                response = await self.client.request(
-                    method, url, content=content, headers=headers or None
-                )
-        except (httpx2.HTTPError, trio.TooSlowError) as exc:
+                response = await self._send(method, url, content, headers)
+                try:
+                    if response.status_code >= 300:
+                        raw = await response.read(ERROR_BODY_LIMIT)
+                    else:
+                        raw = await response.read()
+                finally:
+                    await response.aclose()
+        except (TransportError, httpx2.HTTPError, trio.TooSlowError) as exc:
             raise translate_transport_error(exc, self.name, during=during) from exc
         if response.status_code >= 300:
             raise self.error_mapper(
                 self.name,
                 response.status_code,
-                response.content[:ERROR_BODY_LIMIT],
+                raw[:ERROR_BODY_LIMIT],
                 relayed_error_headers(response.headers),
             )
         try:
-            body = orjson.loads(response.content)
+            body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise UpstreamProtocolError(
                 f"The upstream provider sent an answer that is not JSON "
                 f"(connection {self.name!r}).",
-                detail=f"{exc}; body starts {response.content[:200]!r}",
+                detail=f"{exc}; body starts {raw[:200]!r}",
                 connection=self.name,
             ) from exc
         if not isinstance(body, dict):
             raise UpstreamProtocolError(
                 f"The upstream provider sent an answer that is not a JSON object "
                 f"(connection {self.name!r}).",
-                detail=f"body starts {response.content[:200]!r}",
+                detail=f"body starts {raw[:200]!r}",
                 connection=self.name,
             )
         return body
@@ -212,11 +367,10 @@ class HTTPUpstream:
         Raises:
             UpstreamError: transport failure, timeout, error status, or a non-SSE answer.
         """
-        request = self.client.build_request("POST", url, content=content, headers=headers or None)
         try:
             with trio.fail_at(deadline):
-                response = await self.client.send(request, stream=True)
-        except (httpx2.HTTPError, trio.TooSlowError) as exc:
+                response = await self._send("POST", url, content, headers)
+        except (TransportError, httpx2.HTTPError, trio.TooSlowError) as exc:
             raise translate_transport_error(exc, self.name, during="opening the stream") from exc
         stream = SSEChatStream(self.name, response, deadline, translator)
         try:
@@ -225,7 +379,7 @@ class HTTPUpstream:
                 raise self.error_mapper(
                     self.name, response.status_code, body, relayed_error_headers(response.headers)
                 )
-            ctype = response.headers.get("content-type", "")
+            ctype = response.headers.get("content-type") or ""
             if "text/event-stream" not in ctype:
                 body = await stream.read_limited()
                 raise UpstreamProtocolError(
@@ -254,7 +408,7 @@ class SSEChatStream:
     def __init__(
         self,
         connection: str,
-        response: httpx2.Response,
+        response: UpstreamResponse,
         deadline: float,
         translator: StreamTranslator,
     ) -> None:
@@ -263,7 +417,6 @@ class SSEChatStream:
         self._deadline = deadline
         self._translator = translator
         self._decoder = SSEDecoder()
-        self._bytes: AsyncIterator[bytes] = response.aiter_bytes()
         self._ended = False
         self._closed = False
         self._pending_error: UpstreamError | None = None
@@ -274,12 +427,12 @@ class SSEChatStream:
         size = 0
         try:
             with trio.fail_at(min(self._deadline, trio.current_time() + 30)):
-                async for part in self._bytes:
+                while part := await self._response.read_some():
                     parts.append(part)
                     size += len(part)
                     if size >= ERROR_BODY_LIMIT:
                         break
-        except (httpx2.HTTPError, trio.TooSlowError):
+        except (TransportError, httpx2.HTTPError, trio.TooSlowError):
             pass  # what was read so far is all the detail there will be
         return b"".join(parts)
 
@@ -315,13 +468,13 @@ class SSEChatStream:
                 return []
             try:
                 with trio.fail_at(self._deadline):
-                    data = await self._bytes.__anext__()
-            except StopAsyncIteration:
+                    data = await self._response.read_some()
+            except (TransportError, httpx2.HTTPError, trio.TooSlowError) as exc:
+                raise translate_transport_error(exc, self._connection, during="streaming") from exc
+            if not data:
                 self._ended = True
                 chunks = self._translate(self._decoder.close())
                 return chunks + self._translator.finish()
-            except (httpx2.HTTPError, trio.TooSlowError) as exc:
-                raise translate_transport_error(exc, self._connection, during="streaming") from exc
             chunks = self._translate(self._decoder.feed(data))
             if self._translator.done:
                 self._ended = True
@@ -337,8 +490,11 @@ class SSEChatStream:
         """Read what is left of the body (after the terminal event) for at most ``seconds``."""
         if self._response.is_closed:  # (is_stream_consumed is set when reading *starts*)
             return
-        with trio.move_on_after(seconds), contextlib.suppress(httpx2.HTTPError):
-            async for _ in self._bytes:
+        with (
+            trio.move_on_after(seconds),
+            contextlib.suppress(TransportError, httpx2.HTTPError),
+        ):
+            while await self._response.read_some():
                 pass
 
     async def aclose(self) -> None:
