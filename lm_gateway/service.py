@@ -29,6 +29,7 @@ import contextlib
 import inspect
 import ipaddress
 import logging
+import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -110,6 +111,16 @@ _MODEL_LIST_FAILURE_TTL = 10.0
 
 KeyCheck = Callable[[str], Any]
 
+#: Request ids correlate logs, records and headers; they are not secrets, so they come from a
+#: fast PRNG (seeded from the OS) instead of ``secrets``, whose ``os.urandom`` call per
+#: request showed in profiles (1.5% of the event loop at concurrency 64).
+_request_ids = random.Random(secrets.randbits(128))
+
+
+def new_request_id() -> str:
+    """A 16-hex-digit request id."""
+    return f"{_request_ids.getrandbits(64):016x}"
+
 
 @attrs.define
 class IncomingRequest:
@@ -120,7 +131,7 @@ class IncomingRequest:
     headers: Mapping[str, str]
     body: bytes = b""
     client_addr: str | None = None
-    request_id: str = attrs.field(factory=lambda: secrets.token_hex(8))
+    request_id: str = attrs.field(factory=new_request_id)
 
 
 @attrs.define
