@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,13 @@ def _add_serve(parser: argparse.ArgumentParser, default: Any) -> None:
         default=default if default is not None else 1,
         metavar="N",
         help="number of worker processes (default 1)",
+    )
+    parser.add_argument(
+        "--server",
+        choices=("lm-gateway", "hypercorn"),
+        default=default if default is not None else "lm-gateway",
+        help="the HTTP server: lm-gateway's own lean HTTP/1.1 server (default; one worker, "
+        "plain HTTP) or Hypercorn (always used with --workers above 1 or ssl_certfile)",
     )
 
 
@@ -312,21 +320,43 @@ def _serve(args: argparse.Namespace) -> int:
     hc = _hypercorn_config(config, host, port, args.workers)
     if args.workers > 1:
         return _serve_workers(hc, config_path, debug)
+    if args.server == "lm-gateway" and not config.ssl_certfile:
+        binds = [(host, port)]
+        if config.metrics and config.metrics_port is not None:
+            binds.append((host, config.metrics_port))
+        return _serve_edge(app, binds)
     return _serve_single(app, hc)
+
+
+async def _signalled() -> None:
+    import trio
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            return
+
+
+def _serve_edge(app: Any, binds: list[tuple[str, int]]) -> int:
+    """One process on lm-gateway's own HTTP/1.1 server (:mod:`lm_gateway.server.edge`)."""
+    import trio
+
+    from .server.edge import serve
+
+    where = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in binds)
+    try:
+        trio.run(partial(serve, app, binds, shutdown_trigger=_signalled))
+    except OSError as exc:
+        raise RuntimeFailure(f"cannot serve on {where}: {exc}") from exc
+    return 0
 
 
 def _serve_single(app: Any, hc: Any) -> int:
     import hypercorn.trio
     import trio
 
-    async def shutdown_trigger() -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                log.info("received %s, shutting down", signal.Signals(signum).name)
-                return
-
     async def main() -> None:
-        await hypercorn.trio.serve(app, hc, shutdown_trigger=shutdown_trigger)
+        await hypercorn.trio.serve(app, hc, shutdown_trigger=_signalled)
 
     try:
         trio.run(main)

@@ -61,9 +61,18 @@ def config_from(data: Mapping[str, Any], **environ: str) -> Any:
     return build_config(data, environ={**os.environ, **environ})
 
 
+#: Which HTTP server :func:`serve_app` uses: Hypercorn (``hypercorn``) or lm-gateway's own
+#: (``lm-gateway``). ``tests/e2e`` runs each of its tests on both (see its conftest).
+TEST_SERVER = "hypercorn"
+
+
 @contextlib.asynccontextmanager
 async def serve_app(app: Any) -> AsyncIterator[str]:
     """Serve any ASGI app on 127.0.0.1:<ephemeral>; yields its base URL."""
+    if TEST_SERVER == "lm-gateway":
+        async with serve_app_on_edge(app) as url:
+            yield url
+        return
     hc = hypercorn.Config()
     hc.bind = ["127.0.0.1:0"]
     hc.accesslog = None
@@ -76,6 +85,28 @@ async def serve_app(app: Any) -> AsyncIterator[str]:
         )
         try:
             yield binds[0]
+        finally:
+            shutdown.set()
+
+
+@contextlib.asynccontextmanager
+async def serve_app_on_edge(app: Any, **settings: Any) -> AsyncIterator[str]:
+    """Serve an ASGI app on lm-gateway's own HTTP server; yields its base URL."""
+    from lm_gateway.server.edge import EdgeSettings, serve
+
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        urls = await nursery.start(
+            partial(
+                serve,
+                app,
+                [("127.0.0.1", 0)],
+                shutdown_trigger=shutdown.wait,
+                settings=EdgeSettings(**{"graceful_timeout": 0.2, **settings}),
+            )
+        )
+        try:
+            yield urls[0]
         finally:
             shutdown.set()
 

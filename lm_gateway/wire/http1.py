@@ -295,3 +295,200 @@ class ResponseReader:
                     self._extra = True
                     self._buffer.clear()
                 return False
+
+
+# -- server side ------------------------------------------------------------------------------
+
+#: Request methods the server side accepts (anything else: 501).
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class BadRequest(HTTPProtocolError):
+    """A request that breaks HTTP/1.1; ``status`` is the answer to give before closing."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@attrs.frozen
+class RequestHead:
+    """A request line and headers. ``headers`` keeps raw (lower-cased name, value) bytes pairs,
+    as ASGI wants them."""
+
+    method: str
+    target: str
+    http_version: str
+    headers: list[tuple[bytes, bytes]]
+    keep_alive: bool
+    expect_continue: bool
+
+
+class RequestReader:
+    """Parses the requests arriving on one server-side connection, one after another.
+
+    Feed bytes with :meth:`feed`; :meth:`next_head` returns the next request head once
+    complete; :meth:`read_body` returns decoded body bytes of the current request (its
+    ``Content-Length`` or chunked framing) as they become available, and :attr:`body_done`
+    says when the body is complete. Bytes beyond the current request (pipelining) stay
+    buffered for the next one.
+
+    Raises (from each method): :class:`BadRequest` with the status to answer.
+    """
+
+    def __init__(self, *, max_head_bytes: int = MAX_HEAD_BYTES) -> None:
+        self._buffer = bytearray()
+        self._max_head = max_head_bytes
+        self._state = _DONE  # between requests
+        self._remaining = 0
+        self.body_done = True
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def next_head(self) -> RequestHead | None:
+        """The next request's head, or None until it is complete."""
+        if not self.body_done:
+            raise RuntimeError("the previous request's body was not read")
+        # Tolerate empty lines between requests (RFC 9112 section 2.2).
+        while self._buffer[:2] == b"\r\n":
+            del self._buffer[:2]
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buffer) > self._max_head:
+                raise BadRequest(f"request head larger than {self._max_head} bytes", 431)
+            return None
+        if end > self._max_head:
+            raise BadRequest(f"request head larger than {self._max_head} bytes", 431)
+        raw = bytes(self._buffer[:end])
+        del self._buffer[: end + 4]
+        return self._parse(raw)
+
+    def _parse(self, raw: bytes) -> RequestHead:
+        lines = raw.split(b"\r\n")
+        parts = lines[0].split(b" ")
+        if len(parts) != 3:
+            raise BadRequest(f"malformed request line {lines[0][:100]!r}")
+        method_b, target_b, version_b = parts
+        if version_b not in (b"HTTP/1.1", b"HTTP/1.0"):
+            if version_b.startswith(b"HTTP/"):
+                raise BadRequest(f"HTTP version {version_b[:20]!r} not supported", 505)
+            raise BadRequest(f"malformed request line {lines[0][:100]!r}")
+        method = method_b.decode("ascii", "replace")
+        if not method.isalpha() or not method.isupper():
+            raise BadRequest(f"malformed method {method[:20]!r}")
+        if method not in KNOWN_METHODS:
+            raise BadRequest(f"method {method[:20]!r} not implemented", 501)
+        if not target_b or any(c <= 0x20 or c == 0x7F for c in target_b):
+            raise BadRequest("malformed request target")
+        headers: list[tuple[bytes, bytes]] = []
+        lengths: list[bytes] = []
+        codings: list[bytes] = []
+        connection = b""
+        expect = b""
+        has_host = False
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep or not name or name != name.strip() or b" " in name or b"\t" in name:
+                raise BadRequest(f"malformed header line {line[:100]!r}")
+            if b"\0" in value or b"\r" in value or b"\n" in value:
+                raise BadRequest("header value holds a control character")
+            name = name.lower()
+            value = value.strip(b" \t")
+            headers.append((name, value))
+            if name == b"content-length":
+                lengths.append(value)
+            elif name == b"transfer-encoding":
+                codings.append(value)
+            elif name == b"connection":
+                connection += b"," + value.lower()
+            elif name == b"expect":
+                expect = value.lower()
+            elif name == b"host":
+                has_host = True
+        http11 = version_b == b"HTTP/1.1"
+        if http11 and not has_host:
+            raise BadRequest("HTTP/1.1 request without Host")
+        if codings:
+            if lengths:  # request smuggling: never guess which one the sender meant
+                raise BadRequest("both Transfer-Encoding and Content-Length")
+            if b",".join(codings).strip().lower() != b"chunked":
+                raise BadRequest("only the chunked transfer coding is supported", 501)
+            self._state = _CHUNK_SIZE
+            self.body_done = False
+        elif lengths:
+            if len(set(lengths)) != 1 or not lengths[0].isdigit() or len(lengths[0]) > 18:
+                raise BadRequest(f"invalid Content-Length {lengths[0][:30]!r}")
+            self._remaining = int(lengths[0])
+            self._state = _LENGTH if self._remaining else _DONE
+            self.body_done = self._remaining == 0
+        else:
+            self._state = _DONE
+            self.body_done = True
+        keep_alive = (b"close" not in connection) if http11 else (b"keep-alive" in connection)
+        return RequestHead(
+            method=method,
+            target=target_b.decode("latin-1"),
+            http_version=version_b[5:].decode(),
+            headers=headers,
+            keep_alive=keep_alive,
+            expect_continue=http11 and expect == b"100-continue",
+        )
+
+    def read_body(self) -> bytes:
+        """Body bytes of the current request available so far (``b""`` if none yet)."""
+        out: list[bytes] = []
+        while not self.body_done and self._buffer:
+            state = self._state
+            if state == _LENGTH:
+                take = min(self._remaining, len(self._buffer))
+                out.append(bytes(self._buffer[:take]))
+                del self._buffer[:take]
+                self._remaining -= take
+                if not self._remaining:
+                    self._end_body()
+            elif state == _CHUNK_SIZE:
+                end = self._buffer.find(b"\r\n")
+                if end < 0:
+                    if len(self._buffer) > MAX_CHUNK_LINE_BYTES:
+                        raise BadRequest("chunk-size line too long")
+                    break
+                line = bytes(self._buffer[:end]).split(b";", 1)[0].strip()
+                del self._buffer[: end + 2]
+                if not line or line.strip(b"0123456789abcdefABCDEF") or len(line) > 16:
+                    raise BadRequest(f"malformed chunk size {line[:40]!r}")
+                self._remaining = int(line, 16)
+                self._state = _CHUNK_DATA if self._remaining else _TRAILERS
+            elif state == _CHUNK_DATA:
+                take = min(self._remaining, len(self._buffer))
+                out.append(bytes(self._buffer[:take]))
+                del self._buffer[:take]
+                self._remaining -= take
+                if not self._remaining:
+                    self._state = _CHUNK_CRLF
+            elif state == _CHUNK_CRLF:
+                if len(self._buffer) < 2:
+                    break
+                if self._buffer[:2] != b"\r\n":
+                    raise BadRequest("chunk data not followed by CRLF")
+                del self._buffer[:2]
+                self._state = _CHUNK_SIZE
+            else:  # _TRAILERS
+                end = self._buffer.find(b"\r\n")
+                if end < 0:
+                    if len(self._buffer) > self._max_head:
+                        raise BadRequest("trailer section too large", 431)
+                    break
+                trailer = self._buffer[:end]
+                del self._buffer[: end + 2]
+                if not trailer:
+                    self._end_body()
+        return b"".join(out) if len(out) != 1 else out[0]
+
+    def _end_body(self) -> None:
+        self._state = _DONE
+        self.body_done = True
