@@ -8,7 +8,9 @@ from hypothesis import strategies as st
 
 from lm_gateway.wire.http1 import (
     MAX_HEAD_BYTES,
+    BadRequest,
     HTTPProtocolError,
+    RequestReader,
     ResponseReader,
     encode_request,
 )
@@ -178,3 +180,101 @@ def test_encode_request() -> None:
 def test_encode_request_refuses_header_injection(value: str) -> None:
     with pytest.raises(ValueError, match="line break or NUL"):
         encode_request("POST", "/", [("host", "h"), ("x-user", value)], b"")
+
+
+# -- server side: RequestReader -------------------------------------------------------------
+
+PIPELINE = (
+    b"POST /a?x=1 HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello"
+    b"\r\n"  # an empty line between requests is tolerated
+    b"POST /b HTTP/1.1\r\nhost: h\r\ntransfer-encoding: chunked\r\n\r\n"
+    b"3;x=y\r\nabc\r\n2\r\nde\r\n0\r\nt: 1\r\n\r\n"
+    b"GET /c HTTP/1.0\r\n\r\n"
+)
+
+
+def read_requests(parts: list[bytes]) -> list[tuple[str, str, bool, bytes]]:
+    reader = RequestReader()
+    out: list[tuple[str, str, bool, bytes]] = []
+    head = None
+    body = b""
+    for part in [*parts, b""]:
+        reader.feed(part)
+        while True:
+            if head is None:
+                head = reader.next_head()
+                if head is None:
+                    break
+                body = b""
+            body += reader.read_body()
+            if not reader.body_done:
+                break
+            out.append((head.method, head.target, head.keep_alive, body))
+            head = None
+    return out
+
+
+@settings(max_examples=200)
+@given(st.lists(st.integers(min_value=0, max_value=10_000), max_size=12))
+def test_any_split_of_pipelined_requests_reads_the_same(cuts: list[int]) -> None:
+    assert read_requests(split_at(PIPELINE, cuts)) == [
+        ("POST", "/a?x=1", True, b"hello"),
+        ("POST", "/b", True, b"abcde"),
+        ("GET", "/c", False, b""),
+    ]
+
+
+def test_request_headers_and_expect() -> None:
+    reader = RequestReader()
+    reader.feed(
+        b"POST / HTTP/1.1\r\nHost: h\r\nX-Key:  v \r\nExpect: 100-continue\r\n"
+        b"Connection: close\r\ncontent-length: 0\r\n\r\n"
+    )
+    head = reader.next_head()
+    assert head is not None
+    assert head.headers[:2] == [(b"host", b"h"), (b"x-key", b"v")]
+    assert head.expect_continue and not head.keep_alive
+    assert reader.body_done
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (
+            b"POST / HTTP/1.1\r\nhost: h\r\ncontent-length: 1\r\n"
+            b"transfer-encoding: chunked\r\n\r\n",
+            400,
+        ),
+        (b"POST / HTTP/1.1\r\nhost: h\r\ntransfer-encoding: gzip, chunked\r\n\r\n", 501),
+        (b"POST / HTTP/1.1\r\nhost: h\r\ncontent-length: +5\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\n\r\n", 400),
+        (b"GET  / HTTP/1.1\r\nhost: h\r\n\r\n", 400),
+        (b"get / HTTP/1.1\r\nhost: h\r\n\r\n", 400),
+        (b"GET /\x01 HTTP/1.1\r\nhost: h\r\n\r\n", 400),
+        (b"GET / HTTP/2.0\r\nhost: h\r\n\r\n", 505),
+        (b"CONNECT h:443 HTTP/1.1\r\nhost: h\r\n\r\n", 501),
+        (b"GET / HTTP/1.1\r\nhost : h\r\n\r\n", 400),
+    ],
+)
+def test_bad_requests(raw: bytes, status: int) -> None:
+    reader = RequestReader()
+    reader.feed(raw)
+    with pytest.raises(BadRequest) as caught:
+        reader.next_head()
+    assert caught.value.status == status
+
+
+def test_oversized_request_head() -> None:
+    reader = RequestReader(max_head_bytes=100)
+    reader.feed(b"GET / HTTP/1.1\r\nhost: h\r\nx: " + b"a" * 200)
+    with pytest.raises(BadRequest) as caught:
+        reader.next_head()
+    assert caught.value.status == 431
+
+
+def test_malformed_chunk_in_request_body() -> None:
+    reader = RequestReader()
+    reader.feed(b"POST / HTTP/1.1\r\nhost: h\r\ntransfer-encoding: chunked\r\n\r\nxyz\r\n")
+    assert reader.next_head() is not None
+    with pytest.raises(BadRequest, match="chunk size"):
+        reader.read_body()
