@@ -315,8 +315,10 @@ def _serve(args: argparse.Namespace) -> int:
             DEFAULT_CONFIG,
         )
     from .server import create_app
+    from .server.lazy import tune_garbage_collector
 
     app = create_app(config)  # validates extensions before anything listens
+    tune_garbage_collector()
     hc = _hypercorn_config(config, host, port, args.workers)
     if args.workers > 1:
         return _serve_workers(hc, config_path, debug)

@@ -322,3 +322,18 @@ def test_port_in_use_is_one_line_and_exit_code_1(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     assert f"lm-gateway: cannot serve on 127.0.0.1:{port}" in result.stderr
     assert "Address already in use" in result.stderr
+
+
+def test_server_processes_tune_the_garbage_collector() -> None:
+    import gc
+
+    from lm_gateway.server.lazy import GC_THRESHOLDS, tune_garbage_collector
+
+    before = gc.get_threshold()
+    try:
+        tune_garbage_collector()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0  # start-up objects out of the collector's way
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
