@@ -1,5 +1,6 @@
 /*
- * mock_upstream.c - a fast mock OpenAI-compatible HTTP server for benchmarks.
+ * mock_upstream.c - a fast mock OpenAI-compatible (and Anthropic Messages)
+ * HTTP server for benchmarks.
  *
  * Single-threaded, non-blocking, Linux epoll (level-triggered) event loop
  * with an integrated min-heap timer queue (CLOCK_MONOTONIC). No external
@@ -30,6 +31,18 @@
  *          (k = 1..C) is sent at t = k*D ms after the request, so a stream
  *          takes ~C*D ms.
  *        otherwise -> fixed chat.completion JSON (after L ms if L > 0)
+ *   POST /v1/messages (Anthropic Messages API wire format)
+ *        body contains "stream":true / "stream": true  -> SSE stream
+ *          (chunked; one SSE event per HTTP chunk, each with its "event:"
+ *          line): message_start (usage input_tokens 10, output_tokens 1),
+ *          content_block_start (an empty text block, index 0), ping, then C
+ *          content_block_delta events (text_delta "tok "), then
+ *          content_block_stop, message_delta (stop_reason "end_turn",
+ *          usage output_tokens C), message_stop, and the terminating
+ *          zero-length chunk. Paced like the chat stream: with D > 0, delta
+ *          k is sent at t = k*D ms.
+ *        otherwise -> fixed "message" JSON (content [{"type":"text",...}],
+ *          stop_reason "end_turn", usage input/output tokens), after L ms
  *   GET  /v1/models -> fixed model list
  *   anything else   -> 404 JSON error
  *
@@ -89,6 +102,8 @@ static blob resp_404_ka, resp_404_close;
 static blob resp_411_close, resp_100_continue;
 static blob sse_hdr_ka, sse_hdr_close;
 static blob sse_role, sse_content, sse_finish, sse_usage, sse_done, sse_end;
+static blob resp_msg_ka, resp_msg_close;
+static blob ant_start, ant_delta, ant_finish;
 
 static const char CHAT_BODY[] =
     "{\"id\":\"chatcmpl-mock\",\"object\":\"chat.completion\",\"created\":1,"
@@ -105,6 +120,13 @@ static const char NOTFOUND_BODY[] =
 static const char LENGTH_BODY[] =
     "{\"error\":{\"message\":\"content-length required\",\"type\":"
     "\"invalid_request_error\",\"code\":\"length_required\"}}";
+
+static const char MESSAGE_BODY[] =
+    "{\"id\":\"msg_mock\",\"type\":\"message\",\"role\":\"assistant\","
+    "\"model\":\"mock\",\"content\":[{\"type\":\"text\",\"text\":"
+    "\"hello from the mock\"}],\"stop_reason\":\"end_turn\","
+    "\"stop_sequence\":null,\"usage\":{\"input_tokens\":10,"
+    "\"output_tokens\":4}}";
 
 #define CHUNK_PREFIX "{\"id\":\"chatcmpl-mock\",\"object\":\"chat.completion.chunk\"," \
                      "\"created\":1,\"model\":\"mock\","
@@ -148,6 +170,22 @@ static blob sse_chunk(const char *payload)
     return blob_fmt("%zx\r\ndata: %s\n\n\r\n", n, payload);
 }
 
+/* one named SSE event "event: <name>\ndata: <payload>\n\n" as one HTTP chunk */
+static blob sse_named(const char *name, const char *payload)
+{
+    size_t n = strlen("event: \ndata: \n\n") + strlen(name) + strlen(payload);
+    return blob_fmt("%zx\r\nevent: %s\ndata: %s\n\n\r\n", n, name, payload);
+}
+
+/* concatenate blobs (frees them) */
+static blob blob_cat(blob a, blob b)
+{
+    blob r = blob_fmt("%s%s", a.p, b.p);
+    free(a.p);
+    free(b.p);
+    return r;
+}
+
 static void build_responses(void)
 {
     resp_chat_ka = http_resp("200 OK", CHAT_BODY, 0);
@@ -177,6 +215,34 @@ static void build_responses(void)
     free(u.p);
     sse_done = sse_chunk("[DONE]");
     sse_end = blob_fmt("0\r\n\r\n");
+
+    /* Anthropic Messages API */
+    resp_msg_ka = http_resp("200 OK", MESSAGE_BODY, 0);
+    resp_msg_close = http_resp("200 OK", MESSAGE_BODY, 1);
+    ant_start = blob_cat(
+        blob_cat(sse_named("message_start",
+                           "{\"type\":\"message_start\",\"message\":{\"id\":\"msg_mock\","
+                           "\"type\":\"message\",\"role\":\"assistant\",\"model\":\"mock\","
+                           "\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,"
+                           "\"usage\":{\"input_tokens\":10,\"output_tokens\":1}}}"),
+                 sse_named("content_block_start",
+                           "{\"type\":\"content_block_start\",\"index\":0,"
+                           "\"content_block\":{\"type\":\"text\",\"text\":\"\"}}")),
+        sse_named("ping", "{\"type\":\"ping\"}"));
+    ant_delta = sse_named("content_block_delta",
+                          "{\"type\":\"content_block_delta\",\"index\":0,"
+                          "\"delta\":{\"type\":\"text_delta\",\"text\":\"tok \"}}");
+    blob md = blob_fmt("{\"type\":\"message_delta\",\"delta\":{\"stop_reason\":"
+                       "\"end_turn\",\"stop_sequence\":null},\"usage\":"
+                       "{\"output_tokens\":%ld}}",
+                       opt_chunks);
+    ant_finish = blob_cat(
+        blob_cat(sse_named("content_block_stop",
+                           "{\"type\":\"content_block_stop\",\"index\":0}"),
+                 sse_named("message_delta", md.p)),
+        blob_cat(sse_named("message_stop", "{\"type\":\"message_stop\"}"),
+                 blob_fmt("0\r\n\r\n")));
+    free(md.p);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -193,7 +259,7 @@ static int64_t now_ns(void)
 /* connections */
 
 enum { ST_IDLE = 0, ST_LATENCY, ST_STREAM };
-enum { RT_NOTFOUND = 0, RT_CHAT, RT_MODELS };
+enum { RT_NOTFOUND = 0, RT_CHAT, RT_MODELS, RT_MESSAGES };
 
 typedef struct conn {
     int fd;
@@ -224,6 +290,7 @@ typedef struct conn {
     int close_after; /* close once output is flushed and state is idle */
     long stream_left;
     int stream_usage;
+    int anthropic; /* the pending response is in the Anthropic format */
 
     /* timer */
     int64_t due;
@@ -558,6 +625,8 @@ static int parse_head(conn *c, size_t hlen)
         c->route = RT_CHAT;
     else if (mlen == 3 && memcmp(p, "GET", 3) == 0 && path_is(path, plen, "/v1/models"))
         c->route = RT_MODELS;
+    else if (mlen == 4 && memcmp(p, "POST", 4) == 0 && path_is(path, plen, "/v1/messages"))
+        c->route = RT_MESSAGES;
     else
         c->route = RT_NOTFOUND;
     c->hdr_done = 1;
@@ -571,6 +640,11 @@ static int body_has(const char *b, size_t n, const char *a, const char *alt)
 
 static void stream_finish(conn *c)
 {
+    if (c->anthropic) {
+        out_blob(c, &ant_finish);
+        c->state = ST_IDLE;
+        return;
+    }
     out_blob(c, &sse_finish);
     if (c->stream_usage)
         out_blob(c, &sse_usage);
@@ -588,7 +662,28 @@ static void handle_request(conn *c)
     if (cl)
         c->close_after = 1;
 
+    c->anthropic = c->route == RT_MESSAGES;
     switch (c->route) {
+    case RT_MESSAGES:
+        if (body_has(body, bn, "\"stream\":true", "\"stream\": true")) {
+            out_blob(c, cl ? &sse_hdr_close : &sse_hdr_ka);
+            out_blob(c, &ant_start);
+            if (opt_chunk_delay_ms > 0 && opt_chunks > 0) {
+                c->state = ST_STREAM;
+                c->stream_left = opt_chunks;
+                timer_set(c, now_cached + opt_chunk_delay_ms * 1000000LL);
+            } else {
+                for (long i = 0; i < opt_chunks; i++)
+                    out_blob(c, &ant_delta);
+                stream_finish(c);
+            }
+        } else if (opt_latency_ms > 0) {
+            c->state = ST_LATENCY;
+            timer_set(c, now_cached + opt_latency_ms * 1000000LL);
+        } else {
+            out_blob(c, cl ? &resp_msg_close : &resp_msg_ka);
+        }
+        break;
     case RT_CHAT:
         if (body_has(body, bn, "\"stream\":true", "\"stream\": true")) {
             c->stream_usage = body_has(body, bn, "\"include_usage\":true", "\"include_usage\": true");
@@ -734,10 +829,13 @@ static void conn_readable(conn *c)
 static void timer_fire(conn *c)
 {
     if (c->state == ST_LATENCY) {
-        out_blob(c, c->req_close ? &resp_chat_close : &resp_chat_ka);
+        if (c->anthropic)
+            out_blob(c, c->req_close ? &resp_msg_close : &resp_msg_ka);
+        else
+            out_blob(c, c->req_close ? &resp_chat_close : &resp_chat_ka);
         c->state = ST_IDLE;
     } else if (c->state == ST_STREAM) {
-        out_blob(c, &sse_content);
+        out_blob(c, c->anthropic ? &ant_delta : &sse_content);
         if (--c->stream_left > 0)
             timer_set(c, c->due + opt_chunk_delay_ms * 1000000LL);
         else

@@ -4,6 +4,9 @@ lm-proxy and LiteLLM), on one machine, in one go.
     apt-get install -y wrk gcc          # the load generator and the mock's compiler
     python bench/run.py                 # lm-gateway vs the direct path
     python bench/run.py --with lm-proxy --with litellm   # + the others, in throwaway venvs
+    python bench/run.py --scenarios     # lm-gateway: keys, limiter, logging, Anthropic upstream
+    python bench/run.py --many-streams 1000     # 1,000 concurrent slow streams: stalls, memory
+    python bench/run.py --soak-seconds 600      # RSS under steady load, growth per minute
 
 Layout (2 cores): the server under test is pinned to core 0 (``taskset -c 0``); the mock
 upstream and the load generator share core 1. The mock is a small C program
@@ -19,6 +22,13 @@ Measured, per server:
   the stream, and what the server adds; relay capacity (whole streams per second, c=64);
 * RSS after start and at its peak.
 
+``--scenarios`` runs lm-gateway alone at c=64 under configurations (many keys, a rate limiter,
+JSONL logging, an Anthropic upstream the gateway translates to and from), with stream timings for
+some. ``--many-streams N`` opens N paced streams at once through one worker (client:
+``bench/streams.py``) and reports each chunk's lateness against its schedule next to the direct
+path's, errors, RSS and peak CPU. ``--soak-seconds N`` holds c=64 for N s and samples RSS every
+10 s. These three can be combined; the side-by-side table is then skipped.
+
 Results go to stdout as one table and to ``bench/results/<date>.json``. No test asserts any
 of this: figures live in ``doc/benchmarks.md``.
 """
@@ -31,6 +41,7 @@ import datetime as dt
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -41,6 +52,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +62,12 @@ SERVER_CORE = "0"
 LOAD_CORE = "1"
 BODY = '{"model":"mock","messages":[{"role":"user","content":"hello there"}]}'
 STREAM_BODY = '{"model":"mock","stream":true,"messages":[{"role":"user","content":"hello there"}]}'
+ANTHROPIC_STREAM_BODY = (
+    '{"model":"mock","max_tokens":64,"stream":true,'
+    '"messages":[{"role":"user","content":"hello there"}]}'
+)
 KEY = "sk-bench"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def free_port() -> int:
@@ -182,6 +199,9 @@ def wrk(
                 f"-c{connections}",
                 f"-d{max(1, round(seconds))}s",
                 "--latency",
+                # wrk's default (2 s) drops slow servers' whole streams under load as timeouts
+                "--timeout",
+                "30s",
                 "-s",
                 script.name,
                 url,
@@ -204,17 +224,31 @@ def wrk(
             )
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     result["errors"] = float(errors.group(1)) if errors else 0.0
+    sockets = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
+    )
+    result["socket_errors"] = float(sum(int(n) for n in sockets.groups())) if sockets else 0.0
     return result
 
 
-def stream_timings(port: int, path: str, headers: dict[str, str], count: int) -> dict[str, float]:
+def stream_timings(
+    port: int,
+    path: str,
+    headers: dict[str, str],
+    count: int,
+    *,
+    body: str = STREAM_BODY,
+    first_marker: bytes = b'"content":"tok',
+    done_marker: bytes = b"[DONE]",
+) -> dict[str, float]:
     """``count`` sequential streams over one keep-alive connection (raw sockets, so the
     client costs the same on every path): median time to the first content chunk and to the
-    end of the stream, in ms."""
+    end of the stream, in ms. The markers find a content chunk and the stream's last event
+    (Anthropic's format: ``b'"text_delta","text":"tok'`` and ``b"message_stop"``)."""
     head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     request = (
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{head}"
-        f"Content-Length: {len(STREAM_BODY)}\r\n\r\n{STREAM_BODY}"
+        f"Content-Length: {len(body)}\r\n\r\n{body}"
     ).encode()
     firsts, totals = [], []
     with socket.create_connection(("127.0.0.1", port)) as sock:
@@ -229,9 +263,9 @@ def stream_timings(port: int, path: str, headers: dict[str, str], count: int) ->
                 if not data:
                     raise RuntimeError("the server closed the connection mid-stream")
                 buffer += data
-                if first is None and b'"content":"tok' in buffer:
+                if first is None and first_marker in buffer:
                     first = time.perf_counter() - start
-                if b"0\r\n\r\n" in buffer and b"[DONE]" in buffer:
+                if buffer.endswith(b"0\r\n\r\n") and done_marker in buffer:
                     break
             totals.append(time.perf_counter() - start)
             firsts.append(first or totals[-1])
@@ -245,15 +279,31 @@ def stream_timings(port: int, path: str, headers: dict[str, str], count: int) ->
 # -- servers under test -----------------------------------------------------------------------
 
 
-def gateway_config(upstream: int, port: int, *, extra: str = "", keys: int = 0) -> str:
+def gateway_config(
+    upstream: int,
+    port: int,
+    *,
+    extra: str = "",
+    keys: int = 0,
+    api_type: str = "openai",
+    connection: str = "",
+) -> str:
+    """lm-gateway's config: one connection ``mock`` to the mock upstream on ``upstream``, in
+    the mock's OpenAI wire format or (``api_type="anthropic"``) its Anthropic Messages one;
+    ``connection`` adds lines to that connection's table."""
     more = "".join(f', "sk-other-{i:06d}"' for i in range(keys))
+    if api_type == "anthropic":
+        upstream_lines = f'api_type = "anthropic"\napi_base = "http://127.0.0.1:{upstream}"'
+    else:
+        upstream_lines = f'api_base = "http://127.0.0.1:{upstream}/v1"'
     return f"""
 host = "127.0.0.1"
 port = {port}
 {extra}
 [connections.mock]
-api_base = "http://127.0.0.1:{upstream}/v1"
+{upstream_lines}
 api_key = "sk-mock"
+{connection}
 [routing]
 "*" = "mock.*"
 [groups.default]
@@ -261,67 +311,378 @@ api_keys = ["{KEY}"{more}]
 """
 
 
-#: lm-gateway's own scenarios (``--scenarios``): top-level config added, or a number of keys.
+#: lm-gateway's own scenarios (``--scenarios``): top-level config added, a number of keys, the
+#: upstream's wire format; ``stream`` also times streams (TTFT, end, relay capacity).
 SCENARIOS: dict[str, dict[str, Any]] = {
-    "plain": {},
+    "plain": {"stream": True},
     "metrics off": {"extra": "metrics = false"},
     "10,000 keys": {"keys": 10_000},
     "rate limiter": {"extra": 'before = [{ class = "RateLimiter", max_requests = 1000000000 }]'},
     "JSONL logging": {"extra": "LOGGER"},
+    "Anthropic upstream (translated)": {"api_type": "anthropic", "stream": True},
 }
 
 
-def scenario_runs(up: int, work: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """lm-gateway under each scenario at concurrency 64: requests/s and CPU per request."""
+def scenario_config(upstream: int, port: int, work: Path, settings: dict[str, Any]) -> str:
+    extra = settings.get("extra", "")
+    text = gateway_config(
+        upstream, port, keys=settings.get("keys", 0), api_type=settings.get("api_type", "openai")
+    )
+    if extra == "LOGGER":
+        log_file = work / "requests.jsonl"
+        return (
+            text + '\n[[loggers]]\nclass = "BaseLogger"\n'
+            f'log_writer = {{ class = "JsonLogWriter", file_name = "{log_file}" }}\n'
+        )
+    return extra + "\n" + text
+
+
+def direct_stream_references(stream_up: int, count: int) -> dict[str, dict[str, float]]:
+    """The mock's own stream timings in both wire formats: what the scenarios' streams add to."""
+    return {
+        "openai": stream_timings(stream_up, "/v1/chat/completions", {}, count),
+        "anthropic": stream_timings(
+            stream_up,
+            "/v1/messages",
+            {},
+            count,
+            body=ANTHROPIC_STREAM_BODY,
+            first_marker=b'"text_delta","text":"tok',
+            done_marker=b"message_stop",
+        ),
+    }
+
+
+def scenario_runs(
+    up: int, stream_up: int, work: Path, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """lm-gateway under each scenario at concurrency 64: requests/s and CPU per request; for the
+    scenarios marked ``stream``, also stream timings at c=1 and relay capacity at c=64 (the
+    client speaks OpenAI chat completions to the gateway in every scenario)."""
     rows = []
-    headers = {"Authorization": f"Bearer {KEY}"}
+    direct = direct_stream_references(stream_up, args.streams)
+    for wire, timings in direct.items():
+        print(
+            f"| direct mock, {wire} stream | — | — | — | {timings['ttft_ms']:.2f} ms | — "
+            f"| {timings['stream_ms']:.1f} ms | — | — |",
+            flush=True,
+        )
     for name, settings in SCENARIOS.items():
-        extra = settings.get("extra", "")
-        if extra == "LOGGER":
-            log_file = work / "requests.jsonl"
-            extra = (
-                '[[loggers]]\nclass = "BaseLogger"\n'
-                f'log_writer = {{ class = "JsonLogWriter", file_name = "{log_file}" }}'
-            )
         port = free_port()
         config = work / f"scenario-{port}.toml"
-        text = gateway_config(up, port, keys=settings.get("keys", 0))
-        if extra.startswith("[[loggers]]"):
-            text += "\n" + extra + "\n"
-        else:
-            text = extra + "\n" + text
-        config.write_text(text)
+        config.write_text(scenario_config(up, port, work, settings))
         argv = [sys.executable, "-m", "lm_gateway", "serve", "--config", str(config)]
         with process(argv, core=SERVER_CORE, env={"LM_GATEWAY_ENV": ""}) as proc:
             wait_listening(port)
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
-            wrk(url, BODY, 16, 2, headers)
+            wrk(url, BODY, 16, 2, AUTH)
             before = cpu_seconds(proc.pid)
-            run = wrk(url, BODY, 64, args.seconds, headers)
+            run = wrk(url, BODY, 64, args.seconds, AUTH)
             cpu = (cpu_seconds(proc.pid) - before) / max(run["requests"], 1) * 1e6
-        rows.append({"scenario": name, "rps": run["rps"], "cpu_us": cpu, "errors": run["errors"]})
-        print(f"| {name} | {run['rps']:,.0f} | {cpu:,.0f} µs | {run['errors']:.0f} |", flush=True)
+        row: dict[str, Any] = {
+            "scenario": name,
+            "rps": run["rps"],
+            "cpu_us": cpu,
+            "errors": run["errors"],
+        }
+        if settings.get("stream"):
+            config.write_text(scenario_config(stream_up, port, work, settings))
+            with process(argv, core=SERVER_CORE, env={"LM_GATEWAY_ENV": ""}):
+                wait_listening(port)
+                timings = stream_timings(port, "/v1/chat/completions", AUTH, args.streams)
+                relay = wrk(url, STREAM_BODY, 64, args.seconds, AUTH)
+            reference = direct[settings.get("api_type", "openai")]
+            row.update(timings)
+            row["added_ttft_ms"] = timings["ttft_ms"] - reference["ttft_ms"]
+            row["added_stream_ms"] = timings["stream_ms"] - reference["stream_ms"]
+            row["streams_per_s_c64"] = relay["rps"]
+            row["stream_errors"] = relay["errors"]
+        rows.append(row)
+        streamed = (
+            f"{row['ttft_ms']:.2f} ms | {row['added_ttft_ms']:.2f} ms | {row['stream_ms']:.1f} ms "
+            f"| {row['added_stream_ms']:.2f} ms | {row['streams_per_s_c64']:,.0f}"
+            if "ttft_ms" in row
+            else "— | — | — | — | —"
+        )
+        print(
+            f"| {name} | {run['rps']:,.0f} | {cpu:,.0f} µs | {run['errors']:.0f} | {streamed} |",
+            flush=True,
+        )
     return rows
 
 
 @contextlib.contextmanager
-def lm_gateway(upstream: int, work: Path, extra: str = "") -> Iterator[tuple[int, int]]:
+def lm_gateway(
+    upstream: int, work: Path, extra: str = "", server: str = "lm-gateway", **config: Any
+) -> Iterator[tuple[int, int]]:
+    """lm-gateway on its own HTTP server (the default), or on Hypercorn (``server``)."""
     port = free_port()
-    config = work / f"gateway-{port}.toml"
-    config.write_text(gateway_config(upstream, port, extra=extra))
-    argv = [sys.executable, "-m", "lm_gateway", "serve", "--config", str(config)]
+    path = work / f"gateway-{port}.toml"
+    path.write_text(gateway_config(upstream, port, extra=extra, **config))
+    argv = [sys.executable, "-m", "lm_gateway", "serve", "--config", str(path), "--server", server]
     with process(argv, core=SERVER_CORE, env={"LM_GATEWAY_ENV": ""}) as proc:
         wait_listening(port)
         yield port, proc.pid
+
+
+# -- many slow streams, and the soak ----------------------------------------------------------
+
+
+class Sampler:
+    """Samples a process tree's RSS (MiB) and CPU time (s) every ``every`` seconds."""
+
+    def __init__(self, pid: int, every: float) -> None:
+        self.pid = pid
+        self.every = every
+        self.samples: list[tuple[float, float, float]] = []  # (seconds since start, RSS, CPU)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._t0 = time.monotonic()
+
+    def _sample(self) -> None:
+        self.samples.append((time.monotonic() - self._t0, rss_mib(self.pid), cpu_seconds(self.pid)))
+
+    def _run(self) -> None:
+        self._sample()
+        while not self._stop.wait(self.every - (time.monotonic() - self._t0) % self.every):
+            self._sample()
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def peak_rss(self) -> float:
+        return max((rss for _, rss, _ in self.samples), default=0.0)
+
+    def peak_cpu_share(self) -> float:
+        """The highest share of a core the process used between two samples."""
+        shares = [
+            (c2 - c1) / (t2 - t1)
+            for (t1, _, c1), (t2, _, c2) in zip(self.samples, self.samples[1:], strict=False)
+            if t2 > t1
+        ]
+        return max(shares, default=0.0)
+
+
+def stream_client(port: int, args: argparse.Namespace, *extra: str) -> dict[str, Any]:
+    """``bench/streams.py`` on the load core: ``--many-streams`` paced streams at once."""
+    out = subprocess.run(
+        [
+            "taskset",
+            "-c",
+            LOAD_CORE,
+            sys.executable,
+            str(HERE / "streams.py"),
+            "--port",
+            str(port),
+            "--streams",
+            str(args.many_streams),
+            "--chunks",
+            str(args.many_chunks),
+            "--delay-ms",
+            str(args.many_delay_ms),
+            "--ramp-s",
+            str(args.many_ramp_s),
+            *extra,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def many_streams(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """``--many-streams N`` slow paced streams at once through one lm-gateway worker: each
+    chunk's lateness against its schedule, next to the same client straight on the mock;
+    streams completed, errors; the gateway's RSS at start, peak and after, and its peak CPU."""
+    mock = build_mock()
+    up = free_port()
+    argv = [str(mock), "--port", str(up), "--chunks", str(args.many_chunks)]
+    argv += ["--chunk-delay-ms", str(args.many_delay_ms)]
+    result: dict[str, Any] = {}
+    with process(argv, core=LOAD_CORE):
+        wait_listening(up)
+        result["direct"] = stream_client(up, args)
+        pool = f"max_connections = {args.many_streams + 64}"
+        with lm_gateway(up, work, connection=pool) as (port, pid):
+            time.sleep(1)
+            gateway: dict[str, Any] = {"rss_start_mib": rss_mib(pid)}
+            with Sampler(pid, 0.5) as sampler:
+                gateway.update(
+                    stream_client(port, args, "--header", f"Authorization: Bearer {KEY}")
+                )
+            gateway["rss_peak_mib"] = sampler.peak_rss()
+            gateway["cpu_peak_share"] = sampler.peak_cpu_share()
+            gateway["cpu_s"] = sampler.samples[-1][2] - sampler.samples[0][2]
+            gateway["samples_t_rss_cpu"] = [
+                (round(t, 2), round(rss, 1), round(cpu, 2)) for t, rss, cpu in sampler.samples
+            ]
+            time.sleep(5)
+            gateway["rss_after_mib"] = rss_mib(pid)
+            result["lm-gateway"] = gateway
+    return result
+
+
+def print_many_streams(result: dict[str, Any]) -> None:
+    print(
+        "| path | completed | errors | late p50 | late p99 | late max | chunks > 50 ms late "
+        "| first chunk late p99 / max | client CPU | RSS start / peak / after | gateway CPU peak |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, row in result.items():
+        if not isinstance(row, dict) or "completed" not in row:
+            continue
+        rss = "—"
+        if "rss_start_mib" in row:
+            rss = " / ".join(
+                f"{row[k]:.0f}" for k in ("rss_start_mib", "rss_peak_mib", "rss_after_mib")
+            )
+            rss += " MiB"
+        cpu = f"{row['cpu_peak_share']:.0%}" if "cpu_peak_share" in row else "—"
+        print(
+            f"| {name} | {row['completed']}/{row['streams']} | {row['errors']} "
+            f"| {row['late_p50_ms']:.2f} ms | {row['late_p99_ms']:.2f} ms "
+            f"| {row['late_max_ms']:.2f} ms | {row['late_over_50ms']} "
+            f"| {row['first_late_p99_ms']:.1f} / {row['first_late_max_ms']:.1f} ms "
+            f"| {row['client_cpu_s'] / row['wall_s']:.0%} | {rss} | {cpu} |"
+        )
+    direct, ours = result.get("direct"), result.get("lm-gateway")
+    if direct and ours:
+        print(
+            f"beyond the direct path: p99 +{ours['late_p99_ms'] - direct['late_p99_ms']:.2f} ms, "
+            f"max +{ours['late_max_ms'] - direct['late_max_ms']:.2f} ms"
+        )
+        if ours["error_kinds"]:
+            print(f"errors: {ours['error_kinds']}")
+
+
+#: Built in init(): at load time wrk.host is not known yet, and the requests would lack a Host.
+SOAK_LUA = """
+local plain, stream
+local n = 0
+init = function(args)
+  plain = wrk.format(nil, nil, nil, {body})
+  stream = wrk.format(nil, nil, nil, {stream})
+end
+request = function()
+  n = n + 1
+  if {every} > 0 and n % {every} == 0 then return stream end
+  return plain
+end
+"""
+
+
+def soak(up: int, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """lm-gateway under steady load (wrk, c=64; every ``--soak-stream-every``-th request a
+    paced stream) for ``--soak-seconds``, its RSS sampled every 10 s: RSS per minute and the
+    growth per minute (least squares over the second half, past the warm-up)."""
+    lines = [
+        'wrk.method = "POST"',
+        'wrk.headers["Content-Type"] = "application/json"',
+        f'wrk.headers["Authorization"] = "Bearer {KEY}"',
+        SOAK_LUA.format(
+            body=json.dumps(BODY), stream=json.dumps(STREAM_BODY), every=args.soak_stream_every
+        ),
+    ]
+    script = work / "soak.lua"
+    script.write_text("\n".join(lines))
+    with lm_gateway(up, work) as (port, pid):
+        rss_start = rss_mib(pid)
+        cpu_before = cpu_seconds(pid)
+        load = subprocess.Popen(
+            [
+                "taskset",
+                "-c",
+                LOAD_CORE,
+                "wrk",
+                "-t1",
+                "-c64",
+                f"-d{args.soak_seconds}s",
+                "--timeout",
+                "30s",
+                "-s",
+                str(script),
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        with Sampler(pid, 10.0) as sampler:
+            out, _ = load.communicate()
+        cpu = cpu_seconds(pid) - cpu_before
+        time.sleep(5)
+        rss_after = rss_mib(pid)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    requests = float(total.group(1)) if total else 0.0
+    samples = [(t, rss) for t, rss, _ in sampler.samples]
+    per_minute = [
+        round(min(samples, key=lambda s, m=m: abs(s[0] - 60 * m))[1], 1)
+        for m in range(int(samples[-1][0] // 60) + 1)
+    ]
+    half = [(t / 60, rss) for t, rss in samples if t >= samples[-1][0] / 2]
+    return {
+        "seconds": args.soak_seconds,
+        "stream_every": args.soak_stream_every,
+        "rps": float(rps.group(1)) if rps else 0.0,
+        "requests": requests,
+        "errors": float(errors.group(1)) if errors else 0.0,
+        "socket_errors": socket_errors.group(1).strip() if socket_errors else "",
+        "cpu_us_per_request": cpu / max(requests, 1) * 1e6,
+        "rss_start_mib": round(rss_start, 1),
+        "rss_peak_mib": round(max(rss for _, rss in samples), 1),
+        "rss_after_mib": round(rss_after, 1),
+        "rss_per_minute_mib": per_minute,
+        "rss_samples": [(round(t, 1), round(rss, 2)) for t, rss in samples],
+        "growth_mib_per_minute": slope(half),
+    }
+
+
+def slope(points: list[tuple[float, float]]) -> float:
+    """The least-squares slope of ``points``."""
+    if len(points) < 2:
+        return 0.0
+    mx = statistics.fmean(x for x, _ in points)
+    my = statistics.fmean(y for _, y in points)
+    den = sum((x - mx) ** 2 for x, _ in points)
+    return sum((x - mx) * (y - my) for x, y in points) / den if den else 0.0
+
+
+def print_soak(result: dict[str, Any]) -> None:
+    socket_errors = result["socket_errors"]
+    print(
+        f"soak: {result['seconds']} s at c=64 (every {result['stream_every']}th request a stream), "
+        f"{result['rps']:,.0f} req/s, {result['requests']:,.0f} requests, "
+        f"{result['errors']:.0f} non-2xx, socket errors: {socket_errors or 'none'}, "
+        f"{result['cpu_us_per_request']:,.0f} µs CPU/request"
+    )
+    print(
+        f"RSS: {result['rss_start_mib']:.1f} MiB before the load, "
+        f"peak {result['rss_peak_mib']:.1f}, {result['rss_after_mib']:.1f} after it; per minute: "
+        + ", ".join(f"{x:.1f}" for x in result["rss_per_minute_mib"])
+        + f" MiB; growth over the second half: {result['growth_mib_per_minute']:+.3f} MiB/min"
+    )
 
 
 def venv(name: str, packages: list[str]) -> Path:
     """A throwaway virtual environment under bench/.venvs with ``packages`` installed."""
     path = HERE / ".venvs" / name
     python = path / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+    done = path / "bench-installed.txt"  # written last: an interrupted install is redone
+    if not done.exists() or done.read_text() != " ".join(packages):
+        if not python.exists():
+            subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], check=True)
+        done.write_text(" ".join(packages))
     return path
 
 
@@ -366,7 +727,8 @@ def litellm(upstream: int, work: Path) -> Iterator[tuple[int, int]]:
             "1",
         ],
         core=SERVER_CORE,
-        env={"LITELLM_LOG": "ERROR"},
+        # No fetch of the model price map at start (this machine has no internet anyway).
+        env={"LITELLM_LOG": "ERROR", "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
     ) as proc:
         wait_listening(port, timeout=180)
         yield port, proc.pid
@@ -407,24 +769,60 @@ def main() -> int:
         dest="others",
         action="append",
         default=[],
-        choices=["lm-proxy", "litellm"],
-        help="also measure these",
+        choices=["lm-proxy", "litellm", "lm-gateway-hypercorn"],
+        help="also measure these (lm-gateway-hypercorn: lm-gateway served by Hypercorn)",
     )
     parser.add_argument("--seconds", type=float, default=8.0, help="each load run's length")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--streams", type=int, default=100, help="streams timed at c=1")
     parser.add_argument("--check-mock", action="store_true", help="only measure the mock")
     parser.add_argument(
-        "--scenarios", action="store_true", help="only lm-gateway's scenarios (keys, limiter...)"
+        "--scenarios",
+        action="store_true",
+        help="only lm-gateway's scenarios (keys, limiter, logging, Anthropic upstream...)",
+    )
+    parser.add_argument(
+        "--many-streams",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only (with --scenarios/--soak-seconds) N concurrent slow streams through lm-gateway",
+    )
+    parser.add_argument("--many-chunks", type=int, default=20, help="chunks per slow stream")
+    parser.add_argument("--many-delay-ms", type=int, default=1000, help="their spacing (ms)")
+    parser.add_argument(
+        "--many-ramp-s", type=float, default=10.0, help="spread the slow streams' starts over this"
+    )
+    parser.add_argument(
+        "--soak-seconds",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only (with --scenarios/--many-streams) a soak of N s at c=64, RSS every 10 s",
+    )
+    parser.add_argument(
+        "--soak-stream-every",
+        type=int,
+        default=10,
+        metavar="K",
+        help="in the soak, every K-th request is a stream (0: none)",
     )
     args = parser.parse_args()
     for tool in ("wrk", "taskset", "gcc"):
         if shutil.which(tool) is None:
             parser.error(f"{tool} is not installed (apt-get install -y wrk util-linux gcc)")
+    # The runner's own threads (RSS and CPU samplers) stay off the server's core.
+    os.sched_setaffinity(0, {int(LOAD_CORE)})
+    # Many streams need many file descriptors, here and in the servers (which inherit this).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     mock = build_mock()
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        if args.many_streams or args.soak_seconds:
+            return special_runs(mock, work, args)
         up, stream_up = free_port(), free_port()
         with (
             process([str(mock), "--port", str(up)], core=LOAD_CORE),
@@ -436,11 +834,8 @@ def main() -> int:
             wait_listening(up)
             wait_listening(stream_up)
             if args.scenarios:
-                print("| scenario (c=64) | req/s | CPU/req | non-2xx |\n|---|---|---|---|")
-                rows = scenario_runs(up, work, args)
-                out = HERE / "results" / f"scenarios-{dt.datetime.now(dt.UTC):%Y-%m-%dT%H%M}.json"
-                out.parent.mkdir(exist_ok=True)
-                out.write_text(json.dumps({"machine": machine(), "scenarios": rows}, indent=2))
+                rows = run_scenarios(up, stream_up, work, args)
+                write_results("scenarios", {"scenarios": rows})
                 return 0
             direct = measure("direct", up, None, args, None)
             direct.update(stream_timings(stream_up, "/v1/chat/completions", {}, args.streams))
@@ -449,7 +844,12 @@ def main() -> int:
                 print(json.dumps(direct, indent=2))
                 return 0
             servers = [("lm-gateway", lm_gateway)]
-            servers += [(o, {"lm-proxy": lm_proxy, "litellm": litellm}[o]) for o in args.others]
+            others = {
+                "lm-proxy": lm_proxy,
+                "litellm": litellm,
+                "lm-gateway-hypercorn": partial(lm_gateway, server="hypercorn"),
+            }
+            servers += [(o, others[o]) for o in args.others]
             for name, start in servers:
                 with start(up, work) as (port, pid):
                     row = measure(name, port, pid, args, direct)
@@ -478,6 +878,63 @@ def main() -> int:
     out.write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
     print(f"\nwritten to {out.relative_to(ROOT)}")
     return 0
+
+
+SCENARIO_HEADER = (
+    "| scenario (c=64) | req/s | CPU/req | non-2xx | TTFT | +TTFT | stream | +stream "
+    "| streams/s (c=64) |\n|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def run_scenarios(
+    up: int, stream_up: int, work: Path, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    print(SCENARIO_HEADER, flush=True)
+    return scenario_runs(up, stream_up, work, args)
+
+
+def special_runs(mock: Path, work: Path, args: argparse.Namespace) -> int:
+    """``--scenarios``, ``--many-streams`` and ``--soak-seconds``, whichever were asked for,
+    one after another; each starts the mocks it needs."""
+    results: dict[str, Any] = {}
+    if args.scenarios:
+        up, stream_up = free_port(), free_port()
+        with (
+            process([str(mock), "--port", str(up)], core=LOAD_CORE),
+            process(
+                [str(mock), "--port", str(stream_up), "--chunks", "50", "--chunk-delay-ms", "2"],
+                core=LOAD_CORE,
+            ),
+        ):
+            wait_listening(up)
+            wait_listening(stream_up)
+            results["scenarios"] = run_scenarios(up, stream_up, work, args)
+        print()
+    if args.many_streams:
+        print(
+            f"{args.many_streams} concurrent streams, {args.many_chunks} chunks "
+            f"{args.many_delay_ms} ms apart, started over {args.many_ramp_s} s:",
+            flush=True,
+        )
+        results["many_streams"] = many_streams(work, args)
+        print_many_streams(results["many_streams"])
+        print()
+    if args.soak_seconds:
+        up = free_port()
+        argv = [str(mock), "--port", str(up), "--chunks", "20", "--chunk-delay-ms", "5"]
+        with process(argv, core=LOAD_CORE):
+            wait_listening(up)
+            results["soak"] = soak(up, work, args)
+        print_soak(results["soak"])
+    write_results("special", results)
+    return 0
+
+
+def write_results(prefix: str, results: dict[str, Any]) -> None:
+    out = HERE / "results" / f"{prefix}-{dt.datetime.now(dt.UTC):%Y-%m-%dT%H%M}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"machine": machine(), **results}, indent=2))
+    print(f"\nwritten to {out.relative_to(ROOT)}")
 
 
 def machine() -> dict[str, Any]:
