@@ -199,6 +199,8 @@ class RequestScope:
         self._closers.append(closer)
 
     async def _close_all(self) -> None:
+        if not self._closers:
+            return  # most requests (no stream) register none: no scopes to open
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             while self._closers:
                 closer = self._closers.pop()

