@@ -182,7 +182,11 @@ def free_port() -> int:
         return port
 
 
-async def test_metrics_port_serves_metrics_only(fake: FakeOpenAI) -> None:
+@pytest.mark.parametrize("server", ["hypercorn", "lm-gateway"])
+async def test_metrics_port_serves_metrics_only(fake: FakeOpenAI, server: str) -> None:
+    """Both HTTP servers the CLI uses listen on the two ports; each port serves its part."""
+    from lm_gateway.server.edge import EdgeSettings, serve
+
     metrics_port = free_port()
     app = create_app(config_from(config(fake, metrics_port=metrics_port)))
     hc = hypercorn.Config()
@@ -191,9 +195,20 @@ async def test_metrics_port_serves_metrics_only(fake: FakeOpenAI) -> None:
     hc.graceful_timeout = 0.2
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(
-            partial(hypercorn.trio.serve, app, hc, shutdown_trigger=shutdown.wait)
-        )
+        if server == "hypercorn":
+            binds = await nursery.start(
+                partial(hypercorn.trio.serve, app, hc, shutdown_trigger=shutdown.wait)
+            )
+        else:
+            binds = await nursery.start(
+                partial(
+                    serve,
+                    app,
+                    [("127.0.0.1", 0), ("127.0.0.1", metrics_port)],
+                    shutdown_trigger=shutdown.wait,
+                    settings=EdgeSettings(graceful_timeout=0.2),
+                )
+            )
         api = next(b for b in binds if not b.endswith(f":{metrics_port}"))
         async with httpx2.AsyncClient() as http:
             on_api = await http.get(f"{api}/metrics")
