@@ -665,46 +665,34 @@ static void handle_request(conn *c)
     c->anthropic = c->route == RT_MESSAGES;
     switch (c->route) {
     case RT_MESSAGES:
+    case RT_CHAT: {
+        /* The same exchange in either wire format: only the blobs differ. */
+        int msgs = c->anthropic;
         if (body_has(body, bn, "\"stream\":true", "\"stream\": true")) {
+            if (!msgs)
+                c->stream_usage =
+                    body_has(body, bn, "\"include_usage\":true", "\"include_usage\": true");
             out_blob(c, cl ? &sse_hdr_close : &sse_hdr_ka);
-            out_blob(c, &ant_start);
+            out_blob(c, msgs ? &ant_start : &sse_role);
             if (opt_chunk_delay_ms > 0 && opt_chunks > 0) {
                 c->state = ST_STREAM;
                 c->stream_left = opt_chunks;
                 timer_set(c, now_cached + opt_chunk_delay_ms * 1000000LL);
             } else {
                 for (long i = 0; i < opt_chunks; i++)
-                    out_blob(c, &ant_delta);
+                    out_blob(c, msgs ? &ant_delta : &sse_content);
                 stream_finish(c);
             }
         } else if (opt_latency_ms > 0) {
             c->state = ST_LATENCY;
             timer_set(c, now_cached + opt_latency_ms * 1000000LL);
-        } else {
+        } else if (msgs) {
             out_blob(c, cl ? &resp_msg_close : &resp_msg_ka);
-        }
-        break;
-    case RT_CHAT:
-        if (body_has(body, bn, "\"stream\":true", "\"stream\": true")) {
-            c->stream_usage = body_has(body, bn, "\"include_usage\":true", "\"include_usage\": true");
-            out_blob(c, cl ? &sse_hdr_close : &sse_hdr_ka);
-            out_blob(c, &sse_role);
-            if (opt_chunk_delay_ms > 0 && opt_chunks > 0) {
-                c->state = ST_STREAM;
-                c->stream_left = opt_chunks;
-                timer_set(c, now_cached + opt_chunk_delay_ms * 1000000LL);
-            } else {
-                for (long i = 0; i < opt_chunks; i++)
-                    out_blob(c, &sse_content);
-                stream_finish(c);
-            }
-        } else if (opt_latency_ms > 0) {
-            c->state = ST_LATENCY;
-            timer_set(c, now_cached + opt_latency_ms * 1000000LL);
         } else {
             out_blob(c, cl ? &resp_chat_close : &resp_chat_ka);
         }
         break;
+    }
     case RT_MODELS:
         out_blob(c, cl ? &resp_models_close : &resp_models_ka);
         break;

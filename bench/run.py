@@ -823,16 +823,7 @@ def main() -> int:
         work = Path(tmp)
         if args.many_streams or args.soak_seconds:
             return special_runs(mock, work, args)
-        up, stream_up = free_port(), free_port()
-        with (
-            process([str(mock), "--port", str(up)], core=LOAD_CORE),
-            process(
-                [str(mock), "--port", str(stream_up), "--chunks", "50", "--chunk-delay-ms", "2"],
-                core=LOAD_CORE,
-            ),
-        ):
-            wait_listening(up)
-            wait_listening(stream_up)
+        with open_mocks(mock) as (up, stream_up):
             if args.scenarios:
                 rows = run_scenarios(up, stream_up, work, args)
                 write_results("scenarios", {"scenarios": rows})
@@ -893,21 +884,29 @@ def run_scenarios(
     return scenario_runs(up, stream_up, work, args)
 
 
+@contextlib.contextmanager
+def open_mocks(mock: Path) -> Iterator[tuple[int, int]]:
+    """The two mocks the side-by-side and the scenarios use: (answers at once, paced streams:
+    50 chunks 2 ms apart), listening."""
+    up, stream_up = free_port(), free_port()
+    with (
+        process([str(mock), "--port", str(up)], core=LOAD_CORE),
+        process(
+            [str(mock), "--port", str(stream_up), "--chunks", "50", "--chunk-delay-ms", "2"],
+            core=LOAD_CORE,
+        ),
+    ):
+        wait_listening(up)
+        wait_listening(stream_up)
+        yield up, stream_up
+
+
 def special_runs(mock: Path, work: Path, args: argparse.Namespace) -> int:
     """``--scenarios``, ``--many-streams`` and ``--soak-seconds``, whichever were asked for,
     one after another; each starts the mocks it needs."""
     results: dict[str, Any] = {}
     if args.scenarios:
-        up, stream_up = free_port(), free_port()
-        with (
-            process([str(mock), "--port", str(up)], core=LOAD_CORE),
-            process(
-                [str(mock), "--port", str(stream_up), "--chunks", "50", "--chunk-delay-ms", "2"],
-                core=LOAD_CORE,
-            ),
-        ):
-            wait_listening(up)
-            wait_listening(stream_up)
+        with open_mocks(mock) as (up, stream_up):
             results["scenarios"] = run_scenarios(up, stream_up, work, args)
         print()
     if args.many_streams:
