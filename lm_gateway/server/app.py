@@ -16,7 +16,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, cast
 
 import attrs
@@ -44,10 +44,9 @@ from ..service import (
     Reply,
     RequestScope,
     StreamReply,
-    anthropic_errors,
     open_request_scope,
 )
-from .fast import FastRoutes
+from .fast import Endpoint, FastRoutes, error_reply
 
 log = logging.getLogger("lm_gateway")
 
@@ -109,10 +108,6 @@ def _from_http_exception(error: HTTPException) -> GatewayError:
     return HTTPStatusError(
         error.description or error.name, status=status, code=error.name.lower().replace(" ", "_")
     )
-
-
-def _error_reply(error: GatewayError, debug: bool) -> Reply:
-    return Reply(error.http_status, orjson.dumps(error.to_body(debug=debug)), dict(error.headers))
 
 
 def _error_response(error: GatewayError, debug: bool) -> Response:
@@ -237,17 +232,13 @@ def blueprint(
             )
         return scope
 
-    Endpoint = Callable[[IncomingRequest, RequestScope], Awaitable[Reply | StreamReply]]
-
     async def answer(endpoint: Endpoint, *, anthropic: bool = False) -> Response:
         """Serve the current request with ``endpoint``; a failure before the service took
         over (an oversized or unreadable body) in the endpoint's error shape."""
         try:
             reply = await endpoint(await incoming(), request_scope())
         except GatewayError as error:
-            if anthropic:
-                return _to_response(anthropic_errors(_error_reply(error, debug)))
-            return _error_response(error, debug)
+            return _to_response(error_reply(error, debug, anthropic=anthropic))
         return _to_response(reply)
 
     @bp.post(f"{prefix}/chat/completions")

@@ -48,6 +48,14 @@ ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
 ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 
 
+def error_reply(
+    error: GatewayError, debug: bool, *, anthropic: bool = False
+) -> Reply | StreamReply:
+    """``error`` as a reply in OpenAI's error shape, or (``anthropic``) Anthropic's."""
+    reply = Reply(error.http_status, orjson.dumps(error.to_body(debug=debug)), dict(error.headers))
+    return anthropic_errors(reply) if anthropic else reply
+
+
 @attrs.frozen
 class Route:
     """One fast route: the service endpoint, and whether its errors take Anthropic's shape."""
@@ -193,10 +201,7 @@ class FastRoutes:
         )
 
     def _error_reply(self, error: GatewayError, route: Route) -> Reply | StreamReply:
-        reply = Reply(
-            error.http_status, orjson.dumps(error.to_body(debug=self._debug)), dict(error.headers)
-        )
-        return anthropic_errors(reply) if route.anthropic else reply
+        return error_reply(error, self._debug, anthropic=route.anthropic)
 
     @classmethod
     async def _send(cls, send: ASGISend, reply: Reply | StreamReply) -> None:

@@ -105,6 +105,15 @@ async def connect(address: tuple[str, int]) -> AsyncIterator[Client]:
         yield Client(stream)
 
 
+async def complete_lifespan(receive: Any, send: Any) -> None:
+    """A test app's lifespan: every step completes at once."""
+    while True:
+        message = await receive()
+        await send({"type": message["type"] + ".complete"})
+        if message["type"] == "lifespan.shutdown":
+            return
+
+
 async def test_keep_alive_and_date() -> None:
     async with gateway() as address, connect(address) as client:
         for _ in range(3):
@@ -241,11 +250,8 @@ async def test_slow_head_gets_408() -> None:
 async def test_app_crash_is_a_json_500_and_a_missing_answer_too() -> None:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                await send({"type": message["type"] + ".complete"})
-                if message["type"] == "lifespan.shutdown":
-                    return
+            await complete_lifespan(receive, send)
+            return
         if scope["path"] == "/crash":
             raise ValueError("boom")
         # /silent: returns without answering
@@ -276,11 +282,8 @@ async def test_graceful_shutdown_lets_a_request_in_flight_finish() -> None:
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                await send({"type": message["type"] + ".complete"})
-                if message["type"] == "lifespan.shutdown":
-                    return
+            await complete_lifespan(receive, send)
+            return
         await release.wait()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"done"})
