@@ -17,6 +17,8 @@ the gateway never asks for an upgrade.
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import attrs
 
 #: The largest response head (status line and headers) accepted.
@@ -73,7 +75,76 @@ def encode_request(
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_CLOSE, _DONE = range(8)
 
 
-class ResponseReader:
+class _BodyDecoder:
+    """What both readers share: a receive buffer, and decoding a body framed by
+    ``Content-Length`` (state ``_LENGTH``) or ``chunked`` (``_CHUNK_*``, ``_TRAILERS``) from it.
+    Bytes after the body stay in the buffer."""
+
+    def __init__(self, *, max_trailer_bytes: int) -> None:
+        self._buffer = bytearray()
+        self._state = _HEAD
+        self._remaining = 0
+        self._max_trailer = max_trailer_bytes
+
+    def _fail(self, message: str, status: int = 400) -> NoReturn:
+        """Raise this reader's error for broken framing (``status``: what a server answers)."""
+        raise HTTPProtocolError(message)
+
+    def _end_body(self) -> None:
+        self._state = _DONE
+
+    def _decode_body(self, out: list[bytes]) -> None:
+        """Move decoded body bytes from the buffer to ``out`` until the buffer runs dry or the
+        body ends (then :meth:`_end_body` is called)."""
+        buffer = self._buffer
+        while buffer:
+            state = self._state
+            if state in (_LENGTH, _CHUNK_DATA):
+                take = min(self._remaining, len(buffer))
+                out.append(bytes(buffer[:take]))
+                del buffer[:take]
+                self._remaining -= take
+                if not self._remaining:
+                    if state == _LENGTH:
+                        self._end_body()
+                        return
+                    self._state = _CHUNK_CRLF
+            elif state == _CHUNK_SIZE:
+                end = buffer.find(b"\r\n")
+                if end < 0:
+                    if len(buffer) > MAX_CHUNK_LINE_BYTES:
+                        self._fail("chunk-size line too long")
+                    return
+                line = bytes(buffer[:end]).split(b";", 1)[0].strip()
+                del buffer[: end + 2]
+                if not line or line.strip(b"0123456789abcdefABCDEF") or len(line) > 16:
+                    self._fail(f"malformed chunk size {line[:40]!r}")
+                self._remaining = int(line, 16)
+                self._state = _CHUNK_DATA if self._remaining else _TRAILERS
+            elif state == _CHUNK_CRLF:
+                if len(buffer) < 2:
+                    return
+                if buffer[:2] != b"\r\n":
+                    self._fail("chunk data not followed by CRLF")
+                del buffer[:2]
+                self._state = _CHUNK_SIZE
+            elif state == _TRAILERS:
+                # Trailer fields are read and dropped; the empty line ends the message.
+                end = buffer.find(b"\r\n")
+                if end < 0:
+                    if len(buffer) > self._max_trailer:
+                        self._fail("trailer section too large", 431)
+                    return
+                empty = end == 0
+                del buffer[: end + 2]
+                if empty:
+                    self._end_body()
+                    return
+            else:
+                return
+
+
+class ResponseReader(_BodyDecoder):
     """Parses one response on a connection. Feed it bytes as they arrive.
 
     After :meth:`feed` returns, :attr:`head` is set once the head is complete, and
@@ -86,10 +157,8 @@ class ResponseReader:
     """
 
     def __init__(self, method: str = "POST") -> None:
+        super().__init__(max_trailer_bytes=MAX_HEAD_BYTES)
         self._method = method
-        self._buffer = bytearray()
-        self._state = _HEAD
-        self._remaining = 0
         self._keep_alive = True
         self.head: ResponseHead | None = None
         self.done = False
@@ -118,48 +187,16 @@ class ResponseReader:
             return self._take_sized(data)
         self._buffer += data
         out: list[bytes] = []
-        while True:
-            state = self._state
-            if state == _HEAD:
-                if not self._parse_head():
-                    break
-            elif state == _LENGTH:
-                if not self._buffer:
-                    break
-                data = bytes(self._buffer)
-                self._buffer.clear()
-                out.append(self._take_sized(data))
-            elif state == _CHUNK_SIZE:
-                if not self._parse_chunk_size():
-                    break
-            elif state == _CHUNK_DATA:
-                if not self._buffer:
-                    break
-                take = min(self._remaining, len(self._buffer))
-                out.append(bytes(self._buffer[:take]))
-                del self._buffer[:take]
-                self._remaining -= take
-                if self._remaining == 0:
-                    self._state = _CHUNK_CRLF
-            elif state == _CHUNK_CRLF:
-                if len(self._buffer) < 2:
-                    break
-                if self._buffer[:2] != b"\r\n":
-                    raise HTTPProtocolError("chunk data not followed by CRLF")
-                del self._buffer[:2]
-                self._state = _CHUNK_SIZE
-            elif state == _TRAILERS:
-                if not self._parse_trailers():
-                    break
-            elif state == _UNTIL_CLOSE:
-                out.append(bytes(self._buffer))
-                self._buffer.clear()
-                break
-            else:  # _DONE
-                if self._buffer:
-                    self._extra = True
-                    self._buffer.clear()
-                break
+        while self._state == _HEAD and self._parse_head():
+            pass  # (a loop: interim 1xx heads come before the real one)
+        if self._state != _HEAD:
+            self._decode_body(out)
+        if self._state == _UNTIL_CLOSE:
+            out.append(bytes(self._buffer))
+            self._buffer.clear()
+        elif self._state == _DONE and self._buffer:
+            self._extra = True
+            self._buffer.clear()
         return b"".join(out) if len(out) != 1 else out[0]
 
     def feed_eof(self) -> None:
@@ -187,10 +224,10 @@ class ResponseReader:
         if len(data) > self._remaining:
             self._extra = True
         self._remaining = 0
-        self._finish()
+        self._end_body()
         return body
 
-    def _finish(self) -> None:
+    def _end_body(self) -> None:
         self._state = _DONE
         self.done = True
 
@@ -237,7 +274,7 @@ class ResponseReader:
     def _choose_framing(self, head: ResponseHead, status: int) -> None:
         # RFC 9112 section 6.3, in order.
         if self._method == "HEAD" or status in (204, 304):
-            self._finish()
+            self._end_body()
             return
         codings = [v for k, v in head.headers if k == "transfer-encoding"]
         if codings:
@@ -254,47 +291,12 @@ class ResponseReader:
                 raise HTTPProtocolError(f"invalid Content-Length {sorted(lengths)!r}")
             self._remaining = int(next(iter(lengths)))
             if self._remaining == 0:
-                self._finish()
+                self._end_body()
             else:
                 self._state = _LENGTH
             return
         self._state = _UNTIL_CLOSE
         self._keep_alive = False
-
-    def _parse_chunk_size(self) -> bool:
-        end = self._buffer.find(b"\r\n")
-        if end < 0:
-            if len(self._buffer) > MAX_CHUNK_LINE_BYTES:
-                raise HTTPProtocolError("chunk-size line too long")
-            return False
-        line = bytes(self._buffer[:end]).split(b";", 1)[0].strip()
-        del self._buffer[: end + 2]
-        if not line or line.strip(b"0123456789abcdefABCDEF") or len(line) > 16:
-            raise HTTPProtocolError(f"malformed chunk size {line[:40]!r}")
-        size = int(line, 16)
-        if size == 0:
-            self._state = _TRAILERS
-        else:
-            self._remaining = size
-            self._state = _CHUNK_DATA
-        return True
-
-    def _parse_trailers(self) -> bool:
-        # Trailer fields are read and dropped; the empty line ends the message.
-        while True:
-            end = self._buffer.find(b"\r\n")
-            if end < 0:
-                if len(self._buffer) > MAX_HEAD_BYTES:
-                    raise HTTPProtocolError("trailer section too large")
-                return False
-            line = self._buffer[:end]
-            del self._buffer[: end + 2]
-            if not line:
-                self._finish()
-                if self._buffer:
-                    self._extra = True
-                    self._buffer.clear()
-                return False
 
 
 # -- server side ------------------------------------------------------------------------------
@@ -324,7 +326,7 @@ class RequestHead:
     expect_continue: bool
 
 
-class RequestReader:
+class RequestReader(_BodyDecoder):
     """Parses the requests arriving on one server-side connection, one after another.
 
     Feed bytes with :meth:`feed`; :meth:`next_head` returns the next request head once
@@ -337,11 +339,13 @@ class RequestReader:
     """
 
     def __init__(self, *, max_head_bytes: int = MAX_HEAD_BYTES) -> None:
-        self._buffer = bytearray()
+        super().__init__(max_trailer_bytes=max_head_bytes)
         self._max_head = max_head_bytes
         self._state = _DONE  # between requests
-        self._remaining = 0
         self.body_done = True
+
+    def _fail(self, message: str, status: int = 400) -> NoReturn:
+        raise BadRequest(message, status)
 
     def feed(self, data: bytes) -> None:
         self._buffer += data
@@ -441,52 +445,10 @@ class RequestReader:
 
     def read_body(self) -> bytes:
         """Body bytes of the current request available so far (``b""`` if none yet)."""
+        if self.body_done:
+            return b""
         out: list[bytes] = []
-        while not self.body_done and self._buffer:
-            state = self._state
-            if state == _LENGTH:
-                take = min(self._remaining, len(self._buffer))
-                out.append(bytes(self._buffer[:take]))
-                del self._buffer[:take]
-                self._remaining -= take
-                if not self._remaining:
-                    self._end_body()
-            elif state == _CHUNK_SIZE:
-                end = self._buffer.find(b"\r\n")
-                if end < 0:
-                    if len(self._buffer) > MAX_CHUNK_LINE_BYTES:
-                        raise BadRequest("chunk-size line too long")
-                    break
-                line = bytes(self._buffer[:end]).split(b";", 1)[0].strip()
-                del self._buffer[: end + 2]
-                if not line or line.strip(b"0123456789abcdefABCDEF") or len(line) > 16:
-                    raise BadRequest(f"malformed chunk size {line[:40]!r}")
-                self._remaining = int(line, 16)
-                self._state = _CHUNK_DATA if self._remaining else _TRAILERS
-            elif state == _CHUNK_DATA:
-                take = min(self._remaining, len(self._buffer))
-                out.append(bytes(self._buffer[:take]))
-                del self._buffer[:take]
-                self._remaining -= take
-                if not self._remaining:
-                    self._state = _CHUNK_CRLF
-            elif state == _CHUNK_CRLF:
-                if len(self._buffer) < 2:
-                    break
-                if self._buffer[:2] != b"\r\n":
-                    raise BadRequest("chunk data not followed by CRLF")
-                del self._buffer[:2]
-                self._state = _CHUNK_SIZE
-            else:  # _TRAILERS
-                end = self._buffer.find(b"\r\n")
-                if end < 0:
-                    if len(self._buffer) > self._max_head:
-                        raise BadRequest("trailer section too large", 431)
-                    break
-                trailer = self._buffer[:end]
-                del self._buffer[: end + 2]
-                if not trailer:
-                    self._end_body()
+        self._decode_body(out)
         return b"".join(out) if len(out) != 1 else out[0]
 
     def _end_body(self) -> None:
