@@ -158,15 +158,14 @@ class _Pool:
         client = self._client
         where = f"{self._host}:{self._port}"
         with trio.move_on_after(client.connect_timeout):
+            context = await client.ssl_context() if self._scheme == "https" else None
             try:
                 tcp = await trio.open_tcp_stream(self._host, self._port)
             except OSError as exc:
                 raise ConnectFailed(f"cannot connect to {where}: {exc}") from exc
-            if self._scheme != "https":
+            if context is None:
                 return _Connection(tcp, tcp.socket)
-            tls = trio.SSLStream(
-                tcp, client.ssl_context(), server_hostname=self._host, https_compatible=True
-            )
+            tls = trio.SSLStream(tcp, context, server_hostname=self._host, https_compatible=True)
             try:
                 await tls.do_handshake()
             except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
@@ -315,7 +314,8 @@ class HTTP1Client:
 
     Args:
         headers: sent with every request (a request's own headers override them by name).
-        ssl_context: builds the TLS context, called once on the first ``https`` connection.
+        ssl_context: builds the TLS context; called once, in a worker thread, on the first
+            ``https`` connection.
     """
 
     def __init__(
@@ -348,9 +348,11 @@ class HTTP1Client:
         self._targets: dict[str, tuple[tuple[str, str, int], str, str]] = {}
         self.closed = False
 
-    def ssl_context(self) -> ssl.SSLContext:
+    async def ssl_context(self) -> ssl.SSLContext:
+        """The TLS context, built on first use in a worker thread (loading a CA bundle reads
+        files, which must not block the event loop)."""
         if self._ssl is None:
-            context = self._ssl_factory()
+            context = await trio.to_thread.run_sync(self._ssl_factory)
             context.set_alpn_protocols(["http/1.1"])
             self._ssl = context
         return self._ssl

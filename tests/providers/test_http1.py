@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import ssl
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -348,7 +349,10 @@ async def test_https_with_verification() -> None:
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     cert.configure_cert(server_context)
 
+    built_in: list[threading.Thread] = []
+
     def client_context() -> ssl.SSLContext:
+        built_in.append(threading.current_thread())
         context = ssl.create_default_context()
         ca.configure_trust(context)
         return context
@@ -362,6 +366,9 @@ async def test_https_with_verification() -> None:
             with pytest.raises(ConnectFailed, match="TLS"):
                 await untrusting.send("POST", server.url, content=b"x")
     assert len(server.requests) == 2
+    # Loading CA files is blocking I/O: the context was built off the event loop, once.
+    assert len(built_in) == 1
+    assert built_in[0] is not threading.main_thread()
 
 
 async def test_not_http() -> None:
