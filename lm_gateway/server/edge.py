@@ -43,6 +43,7 @@ import orjson
 import trio
 
 from ..errors import HTTPStatusError, InternalError
+from ..netio import FastSocketStream
 from ..wire.http1 import MAX_HEAD_BYTES, BadRequest, RequestHead, RequestReader
 
 log = logging.getLogger("lm_gateway.server")
@@ -144,17 +145,18 @@ class _Server:
             self.all_idle.set()
 
     async def handle(self, stream: trio.SocketStream) -> None:
-        conn = _Connection(self, stream)
+        fast = FastSocketStream.from_trio(stream)
+        conn = _Connection(self, fast)
         try:
             await conn.run()
         finally:
-            stream.socket.close()
+            fast.close()
 
 
 class _Connection:
     """One client connection: requests one after another, each answered by the app."""
 
-    def __init__(self, server: _Server, stream: trio.SocketStream) -> None:
+    def __init__(self, server: _Server, stream: FastSocketStream) -> None:
         self.server = server
         self.stream = stream
         self.reader = RequestReader(max_head_bytes=server.settings.max_head_bytes)
