@@ -10,6 +10,7 @@ same whatever the upstream speaks.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Protocol
@@ -65,7 +66,13 @@ class UpstreamResponse(Protocol):
     @property
     def is_closed(self) -> bool: ...
 
-    async def read_some(self) -> bytes: ...
+    async def read_some(self, deadline: float = math.inf) -> bytes:
+        """The next part of the body (``b""`` at its end).
+
+        Raises:
+            trio.TooSlowError: ``deadline`` (trio time) passed first.
+        """
+        ...
 
     async def read(self, limit: int | None = None) -> bytes: ...
 
@@ -85,9 +92,10 @@ class _HTTPXResponse:
     def is_closed(self) -> bool:
         return self._response.is_closed
 
-    async def read_some(self) -> bytes:
+    async def read_some(self, deadline: float = math.inf) -> bytes:
         try:
-            return await self._parts.__anext__()
+            with trio.fail_at(deadline):
+                return await self._parts.__anext__()
         except StopAsyncIteration:
             return b""
 
@@ -467,8 +475,7 @@ class SSEChatStream:
             if self._ended:
                 return []
             try:
-                with trio.fail_at(self._deadline):
-                    data = await self._response.read_some()
+                data = await self._response.read_some(self._deadline)
             except (TransportError, httpx2.HTTPError, trio.TooSlowError) as exc:
                 raise translate_transport_error(exc, self._connection, during="streaming") from exc
             if not data:

@@ -223,6 +223,53 @@ async def test_read_timeout() -> None:
             await client(read_timeout=0.2).send("POST", server.url, content=b"x")
 
 
+def tls_pair() -> tuple[ssl.SSLContext, Callable[[], ssl.SSLContext]]:
+    """(server context, client context factory) for 127.0.0.1, from a throwaway CA."""
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+
+    def client_context() -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        return context
+
+    return server_context, client_context
+
+
+async def first_part_then_silence(
+    server: Server, stream: trio.SocketStream, request: bytes
+) -> bool:
+    await stream.send_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+    await trio.sleep_forever()
+    return False
+
+
+@pytest.mark.parametrize("tls", [False, True])
+async def test_a_read_mid_body_ends_at_the_read_timeout_or_the_callers_deadline(
+    tls: bool,
+) -> None:
+    """Both bounds share one scope in read_some; which one fired decides the error, and the
+    connection is closed either way (plain TCP waits in FastSocketStream.receive_before,
+    TLS in a scope around the TLS stream)."""
+    server_context, client_context = tls_pair()
+    async with serve(first_part_then_silence, tls=server_context if tls else None) as server:
+        http = client(read_timeout=0.2, ssl_context=client_context)
+        with trio.fail_after(GUARD):
+            response = await http.send("POST", server.url, content=b"x")
+            assert await response.read_some() == b"first"
+            with pytest.raises(ReadTimedOut):
+                await response.read_some(trio.current_time() + 60)
+            assert response.is_closed
+
+            response = await http.send("POST", server.url, content=b"x")
+            assert await response.read_some() == b"first"
+            with pytest.raises(trio.TooSlowError):
+                await response.read_some(trio.current_time() + 0.05)  # sooner than 0.2 s
+            assert response.is_closed
+    assert server.connections == 2  # neither broken connection went back to the pool
+
+
 async def test_pool_limit_and_pool_timeout() -> None:
     release = trio.Event()
 
