@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,6 +23,9 @@ from ..context import Outcome, RequestContext
 from .queues import drain
 
 log = logging.getLogger("lm_gateway.access")
+
+#: Records a worker thread delivers between two offers of the GIL to the event loop.
+YIELD_GIL_EVERY = 16
 
 #: lm-proxy's and our earlier name for the context loggers receive.
 RequestRecord = RequestContext
@@ -99,6 +103,12 @@ class RecordSink:
             )
 
     def _deliver(self, batch: list[RequestContext]) -> None:
+        # Runs in a worker thread, holding the GIL while listeners format and serialise; a
+        # request that arrives meanwhile waits for it. Measured at concurrency 1: a batch of
+        # access-log lines moved the p99 from 1.1 to 1.8 ms. Sleeping 0 s releases the GIL,
+        # and hands it to the event loop if it is waiting: every 16 records cost nothing
+        # measurable and took the p99 back to 1.1-1.2 ms (every record: 1.1 ms, but 12% more
+        # CPU per request).
         for record in batch:
             for listener in list(self.listeners):
                 try:
@@ -106,6 +116,8 @@ class RecordSink:
                 except Exception:
                     log.exception("request listener %r failed", listener)
             self.delivered += 1
+            if self.delivered % YIELD_GIL_EVERY == 0:
+                time.sleep(0)
         # A batching handler (the CLI installs one) writes the batch's lines at once.
         for handler in log.handlers:
             handler.flush()
