@@ -17,7 +17,9 @@ Quart.
 The contract is the Quart path's, observable on the wire: same status, headers, body, error
 shape per endpoint (OpenAI's, or Anthropic's for the Messages routes), and the same request
 ownership — everything a request opens lives in its :func:`~lm_gateway.service.open_request_scope`,
-and a client that disconnects cancels its request at once, before or after the first byte.
+and a client that disconnects cancels its request at once, before or after the first byte. On
+our own server (:mod:`.edge`) the server cancels it (the ``CANCEL_ON_DISCONNECT`` extension);
+on any other, a task per request waits for ``http.disconnect``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from ..service import (
     anthropic_errors,
     open_request_scope,
 )
+from .edge import CANCEL_ON_DISCONNECT
 
 log = logging.getLogger("lm_gateway")
 
@@ -142,7 +145,13 @@ class FastRoutes:
                 client_addr=client[0] if client else None,
             )
             with trio.CancelScope() as cancel_on_disconnect:
-                request_scope.nursery.start_soon(_watch_disconnect, receive, cancel_on_disconnect)
+                server_watch = (scope.get("extensions") or {}).get(CANCEL_ON_DISCONNECT)
+                if server_watch is not None:
+                    server_watch["register"](cancel_on_disconnect)  # our own server: no task
+                else:
+                    request_scope.nursery.start_soon(
+                        _watch_disconnect, receive, cancel_on_disconnect
+                    )
                 try:
                     reply = await route.endpoint(request, request_scope)
                 except GatewayError as error:

@@ -16,7 +16,7 @@ import pytest
 import trio
 
 import lm_gateway
-from lm_gateway.server.edge import EdgeSettings, serve
+from lm_gateway.server.edge import CANCEL_ON_DISCONNECT, EdgeSettings, serve
 from tests.conftest import config_from, serve_app_on_edge
 
 GUARD = 10
@@ -326,3 +326,69 @@ async def test_malformed_chunked_body_is_a_400(path: bytes) -> None:
     assert status in ((400,) if path == b"/v1/chat/completions" else (400, 405))
     if status == 400:
         assert "chunk size" in orjson.loads(body)["error"]["message"]
+
+
+async def test_the_server_cancels_a_registered_scope_when_the_client_leaves() -> None:
+    """The CANCEL_ON_DISCONNECT extension: no task of the app waits for http.disconnect, yet
+    the app's work stops as soon as the client closes; a scope registered after the client
+    left is cancelled at once."""
+    registered = trio.Event()
+    outcomes: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await complete_lifespan(receive, send)
+            return
+        register = scope["extensions"][CANCEL_ON_DISCONNECT]["register"]
+        await receive()  # the (empty) body
+        with trio.CancelScope() as work:
+            register(work)
+            registered.set()
+            await trio.sleep_forever()  # e.g. waiting on an upstream
+        outcomes.append("cancelled" if work.cancelled_caught else "ended")
+        with trio.CancelScope() as late:
+            register(late)  # the client is gone already
+            await trio.sleep_forever()
+        outcomes.append("cancelled" if late.cancelled_caught else "ended")
+
+    async with serve_app_on_edge(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        async with connect((host, int(port))) as client:
+            await client.stream.send_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+            with trio.fail_after(GUARD):
+                await registered.wait()
+        with trio.fail_after(GUARD):
+            while len(outcomes) < 2:
+                await trio.sleep(0.01)
+    assert outcomes == ["cancelled", "cancelled"]
+
+
+async def test_a_body_larger_than_the_read_ahead_arrives_whole() -> None:
+    """The read loop stops reading a head's worth ahead of the app and resumes as the app
+    consumes: a body of many times that arrives intact, and the answer after it too."""
+    received = bytearray()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await complete_lifespan(receive, send)
+            return
+        while True:
+            message = await receive()
+            received.extend(message.get("body", b""))
+            await trio.sleep(0.001)  # a slow consumer
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"%d" % len(received)})
+
+    body = bytes(range(256)) * 4096  # 1 MiB, 16 heads' worth
+    async with serve_app_on_edge(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        async with connect((host, int(port))) as client, trio.open_nursery() as nursery:
+            nursery.start_soon(
+                client.stream.send_all,
+                b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body),
+            )
+            status, _, answer = await client.answer()
+    assert (status, answer) == (200, b"%d" % len(body))
+    assert bytes(received) == body
