@@ -71,6 +71,8 @@ def encode_request(
     return head + body if body else head
 
 
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
+
 # Body framing states.
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_CLOSE, _DONE = range(8)
 
@@ -117,7 +119,7 @@ class _BodyDecoder:
                     return
                 line = bytes(buffer[:end]).split(b";", 1)[0].strip()
                 del buffer[: end + 2]
-                if not line or line.strip(b"0123456789abcdefABCDEF") or len(line) > 16:
+                if not line or line.strip(_HEX_DIGITS) or len(line) > 16:
                     self._fail(f"malformed chunk size {line[:40]!r}")
                 self._remaining = int(line, 16)
                 self._state = _CHUNK_DATA if self._remaining else _TRAILERS
@@ -185,8 +187,13 @@ class ResponseReader(_BodyDecoder):
         if self._state == _LENGTH and not self._buffer:
             # The common case on a hot path: plain bytes of a sized body, nothing buffered.
             return self._take_sized(data)
-        self._buffer += data
         out: list[bytes] = []
+        if self._state == _CHUNK_SIZE and not self._buffer:
+            # The other one: a relayed stream, each read holding whole chunks.
+            data = self._take_whole_chunks(data, out)
+            if not data:
+                return b"".join(out) if len(out) != 1 else out[0]
+        self._buffer += data
         while self._state == _HEAD and self._parse_head():
             pass  # (a loop: interim 1xx heads come before the real one)
         if self._state != _HEAD:
@@ -215,6 +222,30 @@ class ResponseReader(_BodyDecoder):
             raise HTTPProtocolError(f"the server closed the connection {where}")
 
     # -- internals ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _take_whole_chunks(data: bytes, out: list[bytes]) -> bytes:
+        """Append the data of the whole chunks at the start of ``data`` to ``out``; return
+        the rest, from the first chunk this does not take: one not whole in ``data``, the
+        last (zero-size) chunk, or a size line with anything but hex digits (extensions,
+        spaces, junk). The general decoder reads that rest, so the framing rules stay in one
+        place; this only skips its buffer copies for the usual input."""
+        pos = 0
+        while True:
+            end = data.find(b"\r\n", pos)
+            if end < 0 or end - pos > 16:
+                break
+            line = data[pos:end]
+            if not line or line.strip(_HEX_DIGITS):
+                break
+            size = int(line, 16)
+            start = end + 2
+            stop = start + size
+            if not size or data[stop : stop + 2] != b"\r\n":
+                break
+            out.append(data[start:stop])
+            pos = stop + 2
+        return data[pos:] if pos else data
 
     def _take_sized(self, data: bytes) -> bytes:
         if len(data) < self._remaining:
