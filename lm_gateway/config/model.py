@@ -109,8 +109,8 @@ class HTTPConnection:
     write_timeout_seconds: float = 60.0
     #: Deadline for the whole upstream exchange; None uses the gateway's request deadline.
     request_timeout_seconds: float | None = None
-    max_connections: int = 100
-    max_keepalive_connections: int = 100
+    max_connections: int = 1000
+    max_keepalive_connections: int = 1000
     keepalive_expiry_seconds: float = 30.0
     http2: bool = False
     #: True (system trust store), False (no verification; for lab setups), or a CA bundle path.

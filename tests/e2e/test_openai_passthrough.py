@@ -533,3 +533,44 @@ async def test_custom_api_prefix(fake: FakeOpenAI) -> None:
     assert ok.json()["choices"][0]["message"]["content"] == "echo: prefixed"
     assert old.status_code == 404
     assert models.status_code == 200
+
+
+async def test_more_than_a_hundred_streams_reach_the_upstream_at_once(
+    fake: FakeOpenAI, gateway: RunningGateway
+) -> None:
+    """The default upstream pool (1,000 connections, as the OpenAI SDK's) lets 150 streams
+    run at once. With the earlier default of 100, the 101st waited for a pooled connection:
+    a hidden cap of 100 concurrent streams per connection (1,000 streams/s of 100 ms each)."""
+    streams = 150
+    fake.push(*[Reply.stream_then_stall([_chunk("first")]) for _ in range(streams)])
+    first_chunks = 0
+
+    async def stream_one(http: httpx2.AsyncClient) -> None:
+        nonlocal first_chunks
+        async with http.stream(
+            "POST",
+            f"{gateway.base_url}/chat/completions",
+            headers={"authorization": f"Bearer {KEY}"},
+            json={"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "x"}]},  # noqa: E501
+        ) as response:
+            assert response.status_code == 200
+            async for _ in response.aiter_bytes():
+                first_chunks += 1
+                await trio.sleep_forever()  # hold the stream open
+
+    limits = httpx2.Limits(max_connections=streams, max_keepalive_connections=streams)
+    async with (
+        httpx2.AsyncClient(limits=limits, timeout=30) as http,
+        trio.open_nursery() as nursery,
+    ):
+        for _ in range(streams):
+            nursery.start_soon(stream_one, http)
+        with trio.fail_after(20):
+            await fake.wait_for_request(streams)
+            while first_chunks < streams:
+                await trio.sleep(0.01)
+        # All at once: none reached the upstream only after another gave up its connection
+        # (here, a stalled stream's read timeout would have freed one after 5 s).
+        assert not fake.closed_by_client
+        nursery.cancel_scope.cancel()
+    assert len(fake.requests) == streams
