@@ -89,17 +89,23 @@ class FastSocketStream(trio.abc.Stream):
             await self._passed()
             return data
         self._streak = 0
+        if deadline == math.inf:
+            return await self._wait_and_receive(size)
         with trio.CancelScope(deadline=deadline) as waiting:
-            while True:
-                await trio.lowlevel.wait_readable(sock)
-                try:
-                    return sock.recv(size)
-                except BlockingIOError:
-                    continue
-                except OSError as exc:
-                    raise self._error(exc) from exc
+            return await self._wait_and_receive(size)
         assert waiting.cancelled_caught
         raise trio.TooSlowError
+
+    async def _wait_and_receive(self, size: int) -> bytes:
+        sock = self.socket
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                return sock.recv(size)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise self._error(exc) from exc
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Send all of ``data``; returns once the kernel has taken it."""

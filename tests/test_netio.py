@@ -168,3 +168,19 @@ async def test_max_bytes_must_be_positive() -> None:
         await ours.receive_some(0)
     ours.close()
     await peer.aclose()
+
+
+async def test_receive_before_a_deadline() -> None:
+    ours, peer = await connected_pair()
+    with trio.fail_after(GUARD):
+        with pytest.raises(trio.TooSlowError):
+            await ours.receive_before(trio.current_time() + 0.05)
+        await peer.send_all(b"late")
+        assert await ours.receive_before(trio.current_time() + GUARD) == b"late"
+        # Data already there is returned even with the deadline passed: nothing had to wait.
+        await peer.send_all(b"ready")
+        while not ours.is_readable():
+            await trio.sleep(0.001)
+        assert await ours.receive_before(trio.current_time() - 1) == b"ready"
+    ours.close()
+    await peer.aclose()
