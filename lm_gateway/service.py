@@ -32,7 +32,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -210,16 +210,40 @@ class RequestScope:
                     log.exception("closing a request resource failed")
 
 
-@contextlib.asynccontextmanager
-async def open_request_scope() -> AsyncIterator[RequestScope]:
+def open_request_scope() -> _RequestScopeManager:
     """A :class:`RequestScope` whose tasks and resources do not outlive the ``async with``."""
-    async with trio.open_nursery() as nursery:
-        scope = RequestScope(nursery)
+    return _RequestScopeManager()
+
+
+class _RequestScopeManager:
+    """What :func:`open_request_scope` returns: on exit, the scope's nursery is cancelled and
+    its closers run, then the nursery is left (its tasks awaited, their errors raised).
+
+    A class, not an ``asynccontextmanager``: it is entered once per request, and the async
+    generator machinery cost about 3% of a request's CPU.
+    """
+
+    __slots__ = ("_nursery_manager", "_scope")
+
+    async def __aenter__(self) -> RequestScope:
+        self._nursery_manager = trio.open_nursery()
+        self._scope = RequestScope(await self._nursery_manager.__aenter__())
+        return self._scope
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
         try:
-            yield scope
-        finally:
-            nursery.cancel_scope.cancel()
-            await scope._close_all()
+            self._scope.nursery.cancel_scope.cancel()
+            await self._scope._close_all()
+        except BaseException as failure:  # handed to the nursery, as a body's exception is
+            return await self._nursery_manager.__aexit__(
+                type(failure), failure, failure.__traceback__
+            )
+        return await self._nursery_manager.__aexit__(exc_type, exc, tb)
 
 
 class Gateway:

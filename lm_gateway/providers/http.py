@@ -322,7 +322,9 @@ class HTTPUpstream:
                 an answer that is not a JSON object.
         """
         try:
-            with trio.fail_at(deadline):
+            # A plain scope, not trio.fail_at (a generator-based context manager): this runs
+            # once per request.
+            with trio.CancelScope(deadline=deadline) as timer:
                 response = await self._send(method, url, content, headers)
                 try:
                     if response.status_code >= 300:
@@ -331,6 +333,8 @@ class HTTPUpstream:
                         raw = await response.read()
                 finally:
                     await response.aclose()
+            if timer.cancelled_caught:
+                raise trio.TooSlowError
         except (TransportError, httpx2.HTTPError, trio.TooSlowError) as exc:
             raise translate_transport_error(exc, self.name, during=during) from exc
         if response.status_code >= 300:
@@ -376,8 +380,10 @@ class HTTPUpstream:
             UpstreamError: transport failure, timeout, error status, or a non-SSE answer.
         """
         try:
-            with trio.fail_at(deadline):
+            with trio.CancelScope(deadline=deadline) as timer:
                 response = await self._send("POST", url, content, headers)
+            if timer.cancelled_caught:
+                raise trio.TooSlowError
         except (TransportError, httpx2.HTTPError, trio.TooSlowError) as exc:
             raise translate_transport_error(exc, self.name, during="opening the stream") from exc
         stream = SSEChatStream(self.name, response, deadline, translator)
