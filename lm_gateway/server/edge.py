@@ -19,13 +19,16 @@ What it implements (RFC 9112, the ASGI HTTP spec 2.3 and lifespan):
   JSON error, then the connection is closed;
 * deadlines: a connection idle between requests is closed after ``keep_alive_timeout``; a
   request head must arrive within ``head_timeout`` of its first byte (slow-loris);
-* ``http.disconnect`` as soon as the client closes, also while the app is still working (the
-  gateway cancels the upstream call on it); a failed write counts as a disconnect;
+* ``http.disconnect`` as soon as the client closes, also while the app is still working, and
+  the ``lm_gateway.cancel_on_disconnect`` extension: cancel scopes the app registered are
+  cancelled at that moment (the gateway's routes stop their upstream call so, with no task of
+  their own waiting); a failed write counts as a disconnect;
 * graceful shutdown: stop accepting, close idle connections, give requests in flight
   ``graceful_timeout`` to finish, then cancel them; the app's lifespan shutdown runs last.
 
-Request-level cancellation is the app's (the gateway's request scope); this server owns one
-task per connection, all in one nursery, and no task outlives :func:`serve`.
+Request-level cancellation is the app's (the gateway's request scope); this server owns two
+tasks per connection (its read loop and its request loop, in a nursery of the connection's
+own), all connections in one nursery, and no task outlives :func:`serve`.
 """
 
 from __future__ import annotations
