@@ -152,28 +152,6 @@ def rss_mib(pid: int) -> float:
     return total / 1024
 
 
-class PeakRSS:
-    """Samples a process tree's RSS every 0.2 s while in use."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.peak = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            self.peak = max(self.peak, rss_mib(self.pid))
-
-    def __enter__(self) -> PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 # -- load -------------------------------------------------------------------------------------
 
 
@@ -748,7 +726,7 @@ def measure(
         result["rss_start_mib"] = round(rss_mib(pid), 1)
     wrk(url, BODY, 16, 2, headers)  # warm up
     with contextlib.ExitStack() as stack:
-        peak = stack.enter_context(PeakRSS(pid)) if pid is not None else None
+        peak = stack.enter_context(Sampler(pid, 0.2)) if pid is not None else None
         for connections in args.concurrency:
             cpu_before = cpu_seconds(pid) if pid is not None else 0.0
             run = wrk(url, BODY, connections, args.seconds, headers)
@@ -756,7 +734,7 @@ def measure(
                 run["cpu_us_per_request"] = (cpu_seconds(pid) - cpu_before) / run["requests"] * 1e6
             result[f"c{connections}"] = run
     if peak is not None:
-        result["rss_peak_mib"] = round(peak.peak, 1)
+        result["rss_peak_mib"] = round(peak.peak_rss(), 1)
     if direct is not None:
         for pct in ("p50_ms", "p99_ms"):
             result[f"added_{pct}"] = result["c1"][pct] - direct["c1"][pct]

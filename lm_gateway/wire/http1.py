@@ -73,6 +73,15 @@ def encode_request(
 
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
 
+
+def _chunk_size(digits: bytes) -> int | None:
+    """A chunk size line's value (extensions already removed); None unless it is 1 to 16
+    hex digits (``int()`` alone would also take signs, ``0x``, ``_`` and spaces)."""
+    if not digits or len(digits) > 16 or digits.strip(_HEX_DIGITS):
+        return None
+    return int(digits, 16)
+
+
 # Body framing states.
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_CLOSE, _DONE = range(8)
 
@@ -119,9 +128,10 @@ class _BodyDecoder:
                     return
                 line = bytes(buffer[:end]).split(b";", 1)[0].strip()
                 del buffer[: end + 2]
-                if not line or line.strip(_HEX_DIGITS) or len(line) > 16:
+                size = _chunk_size(line)
+                if size is None:
                     self._fail(f"malformed chunk size {line[:40]!r}")
-                self._remaining = int(line, 16)
+                self._remaining = size
                 self._state = _CHUNK_DATA if self._remaining else _TRAILERS
             elif state == _CHUNK_CRLF:
                 if len(buffer) < 2:
@@ -233,15 +243,12 @@ class ResponseReader(_BodyDecoder):
         pos = 0
         while True:
             end = data.find(b"\r\n", pos)
-            if end < 0 or end - pos > 16:
+            size = _chunk_size(data[pos:end]) if end >= 0 else None
+            if not size:  # not a plain size line, or the last chunk
                 break
-            line = data[pos:end]
-            if not line or line.strip(_HEX_DIGITS):
-                break
-            size = int(line, 16)
             start = end + 2
             stop = start + size
-            if not size or data[stop : stop + 2] != b"\r\n":
+            if data[stop : stop + 2] != b"\r\n":
                 break
             out.append(data[start:stop])
             pos = stop + 2
